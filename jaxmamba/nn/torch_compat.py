@@ -1,0 +1,274 @@
+"""PyTorch semantics the authors' models depend on, in JAX (NHWC): initialisers, resizes, pooling,
+ConvTranspose2d, and a state_dict reader that checks every key and shape.
+
+Each function here matches one torch op exactly (same index arithmetic), so model code can say
+`resize_bilinear(x, size, align_corners=True)` and mean what `F.interpolate` meant.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ------------------------------------------------------------------------------------------------
+# Initialisers
+
+
+def torch_kernel_init(in_axis=-2, out_axis=-1):
+  """torch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+def torch_transpose_kernel_init():
+  """ConvTranspose2d: torch takes fan_in from weight dim 1, i.e. out_channels * kh * kw."""
+  return torch_kernel_init(in_axis=-1, out_axis=-2)
+
+
+def uniform_init(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def torch_bias_init(fan_in: int):
+  """torch's default bias init, U(+-1/sqrt(fan_in))."""
+  return uniform_init(1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
+def trunc_normal_init(std: float, lower: float = -2.0, upper: float = 2.0):
+  """timm/torch trunc_normal_(std=std, a=lower, b=upper): the bounds are absolute, not in stds."""
+  def init(key, shape, dtype=jnp.float32):
+    return (jax.random.truncated_normal(key, lower / std, upper / std, shape, jnp.float32) * std
+            ).astype(dtype)
+  return init
+
+
+def fan_out_normal_init(groups: int = 1):
+  """normal(0, sqrt(2 / fan_out)), fan_out = kh*kw*out_channels/groups (UltraLight's conv init)."""
+  def init(key, shape, dtype=jnp.float32):
+    fan_out = int(np.prod(shape[:-2])) * shape[-1] // groups
+    return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out)
+  return init
+
+
+def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1,
+           bias: bool = True, in_features: int | None = None, dilation: int = 1, name=None,
+           kernel_init=None, bias_init=None, dtype=None) -> nn.Conv:
+  """nn.Conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`)."""
+  if bias and bias_init is None:
+    if in_features is None:
+      raise ValueError("conv2d: torch's default bias init needs in_features")
+    bias_init = torch_bias_init(in_features // groups * kernel * kernel)
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
+                 kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
+                 kernel_init=kernel_init or torch_kernel_init(),
+                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
+
+
+def dense(features: int, in_features: int, bias: bool = True, name=None, kernel_init=None,
+          bias_init=None, dtype=None) -> nn.Dense:
+  """nn.Dense with torch Linear's default init."""
+  return nn.Dense(features, use_bias=bias, kernel_init=kernel_init or torch_kernel_init(),
+                  bias_init=bias_init or torch_bias_init(in_features), dtype=dtype, name=name)
+
+
+class ConvTranspose2d(nn.Module):
+  """torch.nn.ConvTranspose2d (groups 1, dilation 1): out = (in-1)*stride - 2*padding + kernel.
+
+  The kernel is stored (kh, kw, in, out); torch's weight is (in, out, kh, kw).  Computed as a
+  convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    k = self.kernel
+    w = self.param("kernel", torch_transpose_kernel_init(), (k, k, in_features, self.features))
+    dtype = self.dtype or x.dtype
+    pad = k - 1 - self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
+        padding=[(pad, pad)] * 2, lhs_dilation=(self.stride, self.stride),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      b = self.param("bias", torch_bias_init(self.features * k * k), (self.features,))
+      y = y + b.astype(dtype)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing and pooling (NHWC)
+
+
+def _source_index(out_len: int, in_len: int, align_corners: bool):
+  """torch's area_pixel_compute_source_index for linear modes: (low index, high index, weight)."""
+  dst = np.arange(out_len, dtype=np.float32)
+  if align_corners:
+    scale = np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else np.float32(0)
+    src = scale * dst
+  else:
+    scale = np.float32(in_len) / np.float32(out_len)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+  lo = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
+  hi = np.minimum(lo + 1, in_len - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def _interp_axis(x, axis: int, out_len: int, align_corners: bool):
+  in_len = x.shape[axis]
+  if in_len == out_len:
+    return x
+  lo, hi, w = _source_index(out_len, in_len, align_corners)
+  shape = [1] * x.ndim
+  shape[axis] = out_len
+  w = jnp.asarray(w.reshape(shape), x.dtype)
+  return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
+
+
+def resize_bilinear(x, size: Sequence[int], align_corners: bool):
+  """F.interpolate(mode="bilinear", align_corners=...) on NHWC, without antialiasing.
+
+  jax.image.resize is half-pixel and antialiases when shrinking, so neither mode matches it.
+  """
+  h, w = size
+  return _interp_axis(_interp_axis(x, -3, h, align_corners), -2, w, align_corners)
+
+
+def adaptive_bins(in_len: int, out_len: int) -> list[tuple[int, int]]:
+  """torch adaptive pooling windows: [floor(i*n/b), ceil((i+1)*n/b))."""
+  return [((i * in_len) // out_len, -(-((i + 1) * in_len) // out_len)) for i in range(out_len)]
+
+
+def _pool_matrix(in_len: int, out_len: int) -> np.ndarray:
+  m = np.zeros((out_len, in_len), np.float32)
+  for i, (s, e) in enumerate(adaptive_bins(in_len, out_len)):
+    m[i, s:e] = 1.0 / (e - s)
+  return m
+
+
+def adaptive_avg_pool2d(x, size: Sequence[int]):
+  """nn.AdaptiveAvgPool2d on NHWC (overlapping bins where the size does not divide)."""
+  ph = jnp.asarray(_pool_matrix(x.shape[-3], size[0]), x.dtype)
+  pw = jnp.asarray(_pool_matrix(x.shape[-2], size[1]), x.dtype)
+  hp = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("oh,...hwc->...owc", ph, x, precision=hp)
+  return jnp.einsum("pw,...owc->...opc", pw, x, precision=hp)
+
+
+class PyramidPooling(nn.Module):
+  """The authors' PPM (tests/pyramidal_pooling.py): for each bin b, adaptive-avg-pool to b x b,
+  1x1 conv (bias), ReLU, align-corners bilinear back to H x W; concatenated in bin order.  The input
+  is *not* kept (it is replaced).  Conv i is named `conv_layers_{i}` (torch `conv_layers.{i}`).
+
+  `init` "torch" = PyTorch defaults (UMambaBot-PP); "fan_out" = UltraLight's re-initialisation.
+  """
+  out_channels: Sequence[int]
+  bins: Sequence[int] = (1, 2, 3, 6)
+  init: str = "torch"
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    h, w, c = x.shape[-3:]
+    outs = []
+    for i, (b, oc) in enumerate(zip(self.bins, self.out_channels)):
+      kw = (dict(kernel_init=fan_out_normal_init(), bias_init=nn.initializers.zeros)
+            if self.init == "fan_out" else {})
+      p = adaptive_avg_pool2d(x, (b, b))
+      p = nn.relu(conv2d(oc, 1, in_features=c, name=f"conv_layers_{i}", dtype=self.dtype, **kw)(p))
+      outs.append(resize_bilinear(p, (h, w), align_corners=True))
+    return jnp.concatenate(outs, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts
+
+
+def to_numpy(t) -> np.ndarray:
+  if hasattr(t, "detach"):
+    t = t.detach().cpu().numpy()
+  return np.asarray(t)
+
+
+class StateDictReader:
+  """Reads a torch state_dict into Flax layouts, remembering which keys were used.
+
+  Every `take` names the key in its error; `finish()` fails if any key was left unused.
+  """
+
+  def __init__(self, state_dict: dict):
+    self.sd = {k: v for k, v in state_dict.items()}
+    self.used: set[str] = set()
+
+  def take(self, key: str, shape: Sequence[int] | None = None) -> np.ndarray:
+    if key not in self.sd:
+      raise KeyError(f"state_dict has no key {key!r}")
+    a = to_numpy(self.sd[key]).astype(np.float32)
+    if shape is not None and tuple(a.shape) != tuple(shape):
+      raise ValueError(f"state_dict key {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    self.used.add(key)
+    return a
+
+  def skip(self, key: str) -> None:
+    """Marks a key as deliberately unused (e.g. BatchNorm's num_batches_tracked)."""
+    if key in self.sd:
+      self.used.add(key)
+
+  def conv(self, prefix: str, bias: bool = True) -> dict:
+    """Conv1d/Conv2d weight (out, in/g, *k) -> Flax kernel (*k, in/g, out)."""
+    w = self.take(prefix + ".weight")
+    out = {"kernel": np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))}
+    if bias:
+      out["bias"] = self.take(prefix + ".bias")
+    return out
+
+  def conv_transpose(self, prefix: str, bias: bool = True) -> dict:
+    """ConvTranspose2d weight (in, out, kh, kw) -> our kernel (kh, kw, in, out)."""
+    out = {"kernel": np.transpose(self.take(prefix + ".weight"), (2, 3, 0, 1))}
+    if bias:
+      out["bias"] = self.take(prefix + ".bias")
+    return out
+
+  def linear(self, prefix: str, bias: bool = True) -> dict:
+    out = {"kernel": self.take(prefix + ".weight").T}
+    if bias:
+      out["bias"] = self.take(prefix + ".bias")
+    return out
+
+  def norm(self, prefix: str) -> dict:
+    """LayerNorm/GroupNorm affine parameters."""
+    return {"scale": self.take(prefix + ".weight"), "bias": self.take(prefix + ".bias")}
+
+  def batchnorm(self, prefix: str) -> tuple[dict, dict]:
+    """(params, batch_stats) of a BatchNorm2d."""
+    self.skip(prefix + ".num_batches_tracked")
+    return self.norm(prefix), {"mean": self.take(prefix + ".running_mean"),
+                               "var": self.take(prefix + ".running_var")}
+
+  def finish(self) -> None:
+    unused = sorted(set(self.sd) - self.used)
+    if unused:
+      raise ValueError(f"{len(unused)} state_dict keys were not used: {unused[:10]}"
+                       + (" ..." if len(unused) > 10 else ""))
+
+
+def check_variables_match(expected, got, what: str = "variables") -> None:
+  """Fails, naming the path, where `got` differs from `expected` (e.g. jax.eval_shape of init)."""
+  exp = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  have = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  missing, extra = sorted(set(exp) - set(have)), sorted(set(have) - set(exp))
+  if missing or extra:
+    raise ValueError(f"{what}: missing {missing[:8]}, unexpected {extra[:8]}")
+  for k, v in exp.items():
+    if tuple(np.shape(have[k])) != tuple(v.shape):
+      raise ValueError(f"{what}: {k} has shape {tuple(np.shape(have[k]))}, expected {tuple(v.shape)}")
