@@ -1,0 +1,102 @@
+"""Train and evaluate one model of Table I.
+
+  python -m experiments.run --config=umambabot_pp                  # synthetic data, minutes on a CPU
+  python -m experiments.run --config=umambabot_pp --config.data.dir=PATH/kaggle_3m   # full recipe
+  python -m experiments.run --config=umambabot_pp:runlocal         # tiny smoke run
+  python -m experiments.run --config=unet --config.recipe=improved --workdir=runs/unet_improved
+
+`--config` takes a bare name (a file of experiments/configs/, e.g. `unet`, `ulvmunet_v5`) or a path
+to a config file, optionally followed by `:runlocal`; `--config.FIELD=VALUE` overrides any field
+(see experiments/configs/base.py).  The workdir defaults to `./runs/<config name>`; rerunning the
+same command resumes from its latest checkpoint.  Ctrl-C saves a checkpoint before exiting.
+
+Several hosts (`--multihost`): start the same command on every host, with the coordinator's
+address, the number of processes and each one's index in the environment, e.g. on 2 hosts
+
+  host0$ JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\
+           python -m experiments.run --config=unet --config.data.dir=/data/kaggle_3m \\
+           --workdir=/shared/runs/unet --multihost
+  host1$ (the same with JAX_PROCESS_ID=1)
+
+(on SLURM or Cloud TPU `jax.distributed.initialize()` finds these itself).  The workdir must be
+on a file system every host can reach (Orbax writes checkpoints collectively); every host reads the
+data folder; only process 0 writes logs, figures and results.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.configs import base
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config name (experiments/configs/NAME.py) or path, optionally :runlocal",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "output folder (default ./runs/<config name>)")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (several hosts)")
+
+
+def _config_arg_index(argv):
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return i, a.split("=", 1)[1], True
+    if a == "--config" and i + 1 < len(argv):
+      return i, argv[i + 1], False
+  return None, None, None
+
+
+def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
+  """Rewrites a bare `--config=NAME[:arg]` into the config file path; returns (argv, NAME)."""
+  argv = list(argv)
+  i, value, joined = _config_arg_index(argv)
+  if i is None:
+    return argv, None
+  path = base.resolve_config_path(value)
+  if joined:
+    argv[i] = "--config=" + path
+  else:
+    argv[i + 1] = path
+  name = os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
+  return argv, name
+
+
+def main(argv, name):
+  del argv
+  if FLAGS.multihost:
+    import jax
+    jax.distributed.initialize()
+  from jaxmamba.train import train_and_evaluate
+  workdir = FLAGS.workdir or os.path.join("runs", name)
+  train_and_evaluate(_CONFIG.value, workdir)
+
+
+def run(argv=None):
+  argv = sys.argv if argv is None else argv
+  try:
+    argv, name = resolve_argv(argv)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if name is None:
+    sys.exit(f"error: --config is required; known configs: {', '.join(base.known_configs())}")
+
+  def _main(args):
+    try:
+      main(args, name)
+    except KeyboardInterrupt:
+      sys.exit(130)
+    except (ValueError, FloatingPointError) as e:
+      sys.exit(f"error: {e}")
+
+  # Orbax logs every save/restore at INFO through absl; keep the console to warnings unless
+  # --verbosity is given.
+  if not any(a.startswith(("--verbosity", "-v=")) for a in argv):
+    FLAGS.set_default("verbosity", -1)
+  app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()

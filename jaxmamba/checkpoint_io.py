@@ -1,0 +1,178 @@
+"""Model variables on disk: one reader for converted weights and for training work directories.
+
+Two layouts are read, both with a `model.json` (`{"model": NAME, ...}`) naming the registry model:
+
+* converter output (`save_variables`): `DIR/model.json` + `DIR/variables/`, an Orbax PyTree
+  checkpoint of `{"params": ..., ["batch_stats": ...]}`;
+* a training work directory: `WORKDIR/model.json` + `WORKDIR/checkpoints/<step>/<item>/` written by
+  an Orbax `CheckpointManager` whose item is a dict holding at least "params" (and "batch_stats",
+  "opt_state", "step", ...).  `WORKDIR/checkpoints/best` (a checkpoint directory laid out like a
+  step) wins if present, else the highest step.
+
+Only "params" and "batch_stats" are restored (partially, as numpy arrays), so neither the optimizer
+structure nor the devices the checkpoint was written on are needed.  `load_variables` also accepts
+a step or item directory inside a work directory; `model.json` is then looked up in its parents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_JSON = "model.json"
+VARIABLES_DIR = "variables"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+COLLECTIONS = ("params", "batch_stats")
+FORMAT = "jaxmamba.variables/1"
+# How far above a given path `model.json` is looked for (item -> step -> checkpoints -> workdir).
+_MAX_PARENT_LEVELS = 3
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, malformed, or of another model than expected."""
+
+
+def save_variables(directory: str, model_name: str, variables: dict, *,
+                   extra: dict | None = None, overwrite: bool = False) -> str:
+  """Writes `variables` ({"params", ["batch_stats"]}) and `model.json` into `directory`.
+
+  Args:
+    directory: target folder (created; must not already hold variables unless `overwrite`).
+    model_name: the registry name recorded in model.json.
+    variables: Flax variables; collections other than params/batch_stats are rejected.
+    extra: more JSON-serialisable fields for model.json (e.g. where the weights came from).
+    overwrite: replace an existing checkpoint in `directory`.
+  Returns:
+    The absolute path of `directory`.
+  """
+  directory = os.path.abspath(directory)
+  unknown = sorted(set(variables) - set(COLLECTIONS))
+  if unknown or "params" not in variables:
+    raise CheckpointError(f"variables must hold 'params' (and optionally 'batch_stats'), got "
+                          f"collections {sorted(variables)}")
+  target = os.path.join(directory, VARIABLES_DIR)
+  if os.path.exists(target) and not overwrite:
+    raise CheckpointError(f"{target} already exists (pass overwrite=True / --overwrite to replace)")
+  os.makedirs(directory, exist_ok=True)
+  # Empty collections (e.g. no BatchNorm) are left out: Orbax cannot store an empty subtree.
+  tree = {k: jax.tree.map(np.asarray, v) for k, v in variables.items() if jax.tree.leaves(v)}
+  checkpointer = ocp.PyTreeCheckpointer()
+  checkpointer.save(target, tree, force=overwrite)
+  meta = {"model": model_name, "format": FORMAT, **(extra or {})}
+  with open(os.path.join(directory, MODEL_JSON), "w") as f:
+    json.dump(meta, f, indent=2)
+  return directory
+
+
+def read_model_json(path: str) -> tuple[str, dict]:
+  """(directory holding model.json, its contents), looking in `path` and up to 3 parents."""
+  d = os.path.abspath(path)
+  for _ in range(_MAX_PARENT_LEVELS + 1):
+    candidate = os.path.join(d, MODEL_JSON)
+    if os.path.isfile(candidate):
+      try:
+        with open(candidate) as f:
+          meta = json.load(f)
+      except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{candidate}: unreadable ({e})") from e
+      if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{candidate}: has no \"model\" name")
+      return d, meta
+    d = os.path.dirname(d)
+  raise CheckpointError(f"{path}: no {MODEL_JSON} here or in its parents; not a jaxmamba "
+                        "checkpoint (convert torch weights with `python -m jaxmamba.convert`)")
+
+
+def _is_pytree_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "_METADATA"))
+
+
+def _item_dir(step_dir: str) -> str:
+  """The PyTree item inside a CheckpointManager step directory (or the directory itself)."""
+  if _is_pytree_checkpoint(step_dir):
+    return step_dir
+  items = sorted(e for e in os.listdir(step_dir)
+                 if _is_pytree_checkpoint(os.path.join(step_dir, e)))
+  if not items:
+    raise CheckpointError(f"{step_dir}: no Orbax checkpoint item inside")
+  # A manager may keep several items (e.g. "state" and "metrics"); prefer the one with params.
+  for name in items:
+    if "params" in _metadata_tree(os.path.join(step_dir, name)):
+      return os.path.join(step_dir, name)
+  raise CheckpointError(f"{step_dir}: no checkpoint item holds 'params' (items: {items})")
+
+
+def _latest_step_dir(checkpoints: str) -> str:
+  best = os.path.join(checkpoints, BEST_DIR)
+  if os.path.isdir(best):
+    return best
+  # Unfinished Orbax saves live in "<step>.orbax-checkpoint-tmp-*" folders: only plain integers.
+  steps = [int(e) for e in os.listdir(checkpoints)
+           if re.fullmatch(r"\d+", e) and os.path.isdir(os.path.join(checkpoints, e))]
+  if not steps:
+    raise CheckpointError(f"{checkpoints}: no finished checkpoint steps")
+  return os.path.join(checkpoints, str(max(steps)))
+
+
+def find_checkpoint(path: str) -> str:
+  """The Orbax PyTree directory that `load_variables(path)` reads."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: checkpoint directory does not exist")
+  if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
+    return os.path.join(path, VARIABLES_DIR)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return _item_dir(_latest_step_dir(os.path.join(path, CHECKPOINTS_DIR)))
+  if os.path.basename(path) == CHECKPOINTS_DIR:
+    return _item_dir(_latest_step_dir(path))
+  return _item_dir(path)
+
+
+def _metadata_tree(item: str) -> dict:
+  # Orbax logs a warning for every checkpoint written without step metadata; it is harmless here.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(item)
+  except Exception as e:  # Orbax raises many types for damaged or foreign folders
+    raise CheckpointError(f"{item}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from e
+  finally:
+    absl_logger.setLevel(level)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, dict):
+    raise CheckpointError(f"{item}: checkpoint is not a dict of collections")
+  return dict(tree)
+
+
+def load_variables(path: str, expected_model: str | None = None) -> tuple[str, dict[str, Any]]:
+  """Reads (model name, {"params", ["batch_stats"]}) from a converter output or a training workdir.
+
+  Raises CheckpointError if nothing readable is there, or if `expected_model` is given and the
+  checkpoint belongs to another model.  Arrays come back as numpy arrays.
+  """
+  _, meta = read_model_json(path)
+  model = meta["model"]
+  if expected_model is not None and model != expected_model:
+    raise CheckpointError(f"{path} is a checkpoint of model {model!r}, not {expected_model!r}")
+  item = find_checkpoint(path)
+  tree = _metadata_tree(item)
+  wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
+  if "params" not in wanted:
+    raise CheckpointError(f"{item}: checkpoint holds no 'params' (has {sorted(tree)})")
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  try:
+    variables = ocp.PyTreeCheckpointer().restore(
+        item, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                          partial_restore=True))
+  except Exception as e:
+    raise CheckpointError(f"{item}: could not restore ({type(e).__name__}: {e})") from e
+  return model, dict(variables)

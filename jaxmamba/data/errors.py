@@ -1,0 +1,8 @@
+"""The error raised for every problem with input data."""
+
+
+class DataError(ValueError):
+  """Bad input data: a missing folder, an unpaired, unreadable or malformed file.
+
+  The message always names the file (or folder) and says what is wrong with it.
+  """

@@ -1,0 +1,105 @@
+"""Orbax checkpoints of a training run: periodic ones and the best-by-validation one.
+
+Layout (read by `jaxmamba.checkpoint_io`):
+
+  WORKDIR/checkpoints/<step>/...       periodic checkpoints (latest `max_to_keep` kept)
+  WORKDIR/checkpoints/best/<step>/...  the best-by-validation checkpoint (one kept)
+  WORKDIR/checkpoints/best.json        {"step": ..., "metric": ..., "value": ...}
+
+Each checkpoint is one item, the dict {"params", "batch_stats" (only for models with BN),
+"opt_state", "step"}.  A checkpoint that fails to restore (damaged files) is skipped with a warning
+and the next older one is tried.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint although some exist."""
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings) to restore `tree`'s structure in place."""
+  def leaf(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+  """Periodic + best checkpoints under `WORKDIR/checkpoints`."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.latest = _manager(self.root, max_to_keep)
+    self.best = _manager(os.path.join(self.root, "best"), 1)
+    self.best_json = os.path.join(self.root, "best.json")
+
+  # -- saving -----------------------------------------------------------------------------------
+  def save(self, step: int, item: dict) -> None:
+    if step in self.latest.all_steps():
+      return
+    self.latest.save(step, args=ocp.args.StandardSave(item), force=True)
+
+  def save_best(self, step: int, item: dict, metric: str, value: float) -> None:
+    self.best.save(step, args=ocp.args.StandardSave(item), force=True)
+    self.best.wait_until_finished()
+    if jax.process_index() == 0:
+      with open(self.best_json, "w") as f:
+        json.dump({"step": int(step), "metric": metric, "value": float(value)}, f)
+
+  def best_record(self) -> dict | None:
+    if not os.path.exists(self.best_json):
+      return None
+    with open(self.best_json) as f:
+      return json.load(f)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.latest.close()
+    self.best.close()
+
+  # -- restoring --------------------------------------------------------------------------------
+  @staticmethod
+  def _restore_newest(manager, like: dict, what: str):
+    """(item, step) from the newest checkpoint that restores, or (None, None) if there is none."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+      try:
+        item = manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+        return item, step
+      except Exception as e:  # noqa: BLE001  (orbax raises many types for damaged files)
+        msg = f"{what} checkpoint at step {step} is damaged ({type(e).__name__}: {e}); " \
+              "falling back to the one before"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        errors.append(step)
+    if errors:
+      raise CheckpointError(f"every {what} checkpoint under {manager.directory} is damaged "
+                            f"(steps {errors}); delete them to start over")
+    return None, None
+
+  def restore_latest(self, like: dict):
+    return self._restore_newest(self.latest, like, "latest")
+
+  def restore_best(self, like: dict):
+    return self._restore_newest(self.best, like, "best")

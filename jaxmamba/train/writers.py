@@ -1,0 +1,64 @@
+"""Metric sinks: JSON lines files and TensorBoard event files (process 0 only)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+
+def _plain(v):
+  """JSON-safe scalars (NaN/inf become null, numpy/jax scalars become floats)."""
+  if isinstance(v, dict):
+    return {k: _plain(x) for k, x in v.items()}
+  if isinstance(v, (str, bool)) or v is None:
+    return v
+  if isinstance(v, (int, np.integer)):
+    return int(v)
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else None
+
+
+class MetricWriter:
+  """Appends records to WORKDIR/metrics/<stream>.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.dir = os.path.join(workdir, "metrics")
+    self._files = {}
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(self.dir, exist_ok=True)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: slow import
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, stream: str, step: int, record: dict) -> None:
+    if not self.enabled:
+      return
+    if stream not in self._files:
+      self._files[stream] = open(os.path.join(self.dir, f"{stream}.jsonl"), "a")
+    f = self._files[stream]
+    f.write(json.dumps({"step": int(step), **_plain(record)}) + "\n")
+    f.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+          if math.isfinite(float(v)):
+            self._tb.add_scalar(f"{stream}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    for f in self._files.values():
+      f.close()
+    self._files = {}
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
