@@ -28,6 +28,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from experiments.configs import base
@@ -66,6 +67,9 @@ def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
 
 def main(argv, name):
   del argv
+  if not FLAGS["verbosity"].present:
+    # Orbax logs every save and restore at INFO through absl; keep the console to warnings.
+    absl_logging.set_verbosity(absl_logging.WARNING)
   if FLAGS.multihost:
     import jax
     jax.distributed.initialize()
@@ -91,10 +95,6 @@ def run(argv=None):
     except (ValueError, FloatingPointError) as e:
       sys.exit(f"error: {e}")
 
-  # Orbax logs every save/restore at INFO through absl; keep the console to warnings unless
-  # --verbosity is given.
-  if not any(a.startswith(("--verbosity", "-v=")) for a in argv):
-    FLAGS.set_default("verbosity", -1)
   app.run(_main, argv=argv)
 
 

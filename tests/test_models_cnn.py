@@ -237,12 +237,15 @@ def _tv_to_authors(tv_sd):
 # Initialisation follows the authors' (torch defaults / torchvision init)
 
 
-# ResNet50 uses the same initialisers as ResNet18; its 43M random draws take minutes on a busy CPU.
+# ResNet50 uses the same initialisers as ResNet18; its 43M random draws take minutes on a busy
+# CPU.  The rbg key only makes the draws cheaper (threefry is slow on the CPU).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18_seg", "segformer", "unet"])
 def test_init_scales_match_torch(name):
   """Each Flax-initialised tensor has the spread of the same tensor of a fresh torch model
   (constants such as BN/LN weights and MHA biases must match exactly)."""
-  ours = jax.jit(registry.build(name).init)(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)))
+  key = jax.random.key(1, impl="unsafe_rbg")
+  ours = jax.jit(registry.build(name).init)(key, jnp.zeros((1, 64, 64, 3)))
   theirs = registry.from_torch_state_dict(name, TORCH_MODELS[name]().state_dict())
   flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
   flat_theirs = jax.tree_util.tree_leaves(theirs)
@@ -251,7 +254,7 @@ def test_init_scales_match_torch(name):
     a, b = np.asarray(a), np.asarray(b)
     where = jax.tree_util.keystr(path)
     assert a.shape == b.shape, where
-    if b.std() == 0:
+    if b.size > 1 and b.std() == 0:
       np.testing.assert_array_equal(a, b, err_msg=where)
     elif b.size >= 512:
       assert abs(a.std() / b.std() - 1) < 0.15, where

@@ -122,6 +122,7 @@ def test_ppm_keys_rejected_without_pyramid_pooling(state_dicts):
     registry.from_torch_state_dict("umambabot", state_dicts["umambabot_pp"])
 
 
+@pytest.mark.slow
 def test_init_follows_torch_defaults():
   """Each Flax parameter's initial spread matches the torch model's fresh init (same key map)."""
   torch.manual_seed(0)
@@ -133,15 +134,18 @@ def test_init_follows_torch_defaults():
     a, b = np.asarray(value), flat_ref[path]
     name = jax.tree_util.keystr(path)
     assert a.shape == b.shape, name
-    if b.size < 256 or np.ptp(b) == 0:  # constants (LN, A_log rows, D) must be equal; tiny: skip
-      if np.ptp(b) == 0:
-        np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)
+    if b.size > 1 and np.ptp(b) == 0:  # constants (LN weight/bias, D) must be equal
+      np.testing.assert_array_equal(a, b, err_msg=name)
       continue
-    np.testing.assert_allclose(np.std(a), np.std(b), rtol=0.1, err_msg=name)
+    if b.size < 256:  # too few draws to compare distributions
+      continue
+    # Both inits are bounded (uniform / log-uniform / log n): the largest |value| converges fast.
     np.testing.assert_allclose(np.abs(a).max(), np.abs(b).max(), rtol=0.1, err_msg=name)
     # Means of n draws differ by a few std/sqrt(n).
     np.testing.assert_allclose(np.mean(a), np.mean(b), atol=6 * np.std(b) / np.sqrt(b.size),
                                err_msg=name)
+    if b.size >= 2048:  # sample std is within ~1% from here on
+      np.testing.assert_allclose(np.std(a), np.std(b), rtol=0.1, err_msg=name)
 
 
 def umamba_torch_fresh():

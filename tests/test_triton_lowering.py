@@ -1,5 +1,5 @@
 """The JAX binding lowers for CUDA on a CPU-only machine: jax_triton compiles every Triton kernel
-(forward, backward, float32 and bfloat16, grouped B/C, under vmap) to PTX for sm_90 through
+(forward, backward, float32 and bfloat16, grouped B/C) to PTX for sm_90 through
 `jax.export(..., platforms=["cuda"])`.  This catches codegen errors the interpreter misses.
 
 Needs jax-triton 0.3.1 and jax-cuda13-plugin 0.10.2 (only its Triton bindings; no GPU, no pjrt)
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     exp = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("triton_kernel_call")])(*args)
     text = exp.mlir_module()
-    return text.count("triton_kernel_call")
+    return text.count("custom_call @triton_kernel_call")
 
   def inputs(b, d, L, N, dtype, groups=0):
     bc = (b, groups, N, L) if groups else (b, N, L)
@@ -41,35 +41,32 @@ SCRIPT = textwrap.dedent("""
     y, last = td.selective_scan(*a, delta_softplus=True)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(last)
 
-  grad_all = jax.grad(loss, argnums=tuple(range(8)))
+  # value_and_grad: with grad alone XLA rightly drops the forward's y kernel.
+  grad_all = jax.value_and_grad(loss, argnums=tuple(range(8)))
   for dtype in (jnp.float32, jnp.bfloat16):
     n = export(grad_all, *inputs(2, 40, 300, 16, dtype))
     assert n == 6, n          # 3 forward + 3 backward kernels
     print("lowered fwd+bwd", jnp.dtype(dtype).name, n)
-  n = export(grad_all, *inputs(2, 12, 33, 16, jnp.float32, groups=3))
+  # Grouped B/C (channel blocks of 4 inside groups of 4), L = 1, no optional inputs.
+  bare = lambda u, dl, A, B, C: jnp.sum(td.selective_scan(u, dl, A, B, C)[0])
+  n = export(jax.value_and_grad(bare, argnums=(0, 1, 2, 3, 4)),
+             *inputs(1, 12, 1, 4, jnp.float32, groups=3)[:5])
   assert n == 6, n
-  print("lowered grouped (channel block 4 inside groups of 4)")
-  no_opt = lambda u, dl, A, B, C: jnp.sum(td.selective_scan(u, dl, A, B, C)[0])
-  print("lowered bare", export(jax.grad(no_opt, argnums=(0, 1, 2, 3, 4)),
-                               *inputs(1, 5, 1, 4, jnp.float32)[:5]))
-  v = lambda *a: jax.vmap(loss, in_axes=(0, 0, None, 0, 0, None, 0, None))(*a).sum()
-  args = inputs(2, 8, 64, 16, jnp.float32)
-  args = tuple(jax.ShapeDtypeStruct((3,) + x.shape, x.dtype) if i in (0, 1, 3, 4, 6) else x
-               for i, x in enumerate(args))
-  print("lowered vmap of grad", export(jax.grad(v, argnums=(0, 2)), *args))
+  print("lowered grouped, bare", n)
   print("LOWERING OK")
 """)
 
 
+@pytest.mark.slow
 def test_lowers_for_cuda_without_a_gpu():
   if not (PLUGIN_DIR / "jax_cuda13_plugin").is_dir():
     pytest.skip(f"no jax-cuda13-plugin in {PLUGIN_DIR} (see the module docstring)")
   if importlib.util.find_spec("jax_triton") is None:
     pytest.skip("jax-triton is not installed")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_INTERPRET="0",
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGIN_DIR),
                                          os.environ.get("PYTHONPATH", "")]))
-  env.pop("TRITON_INTERPRET")
+  env.pop("TRITON_INTERPRET", None)  # compile for real
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0 and "LOWERING OK" in proc.stdout, (

@@ -29,7 +29,7 @@ def _patient_params(rng, num_patients: int, slices: int) -> dict[str, np.ndarray
   return {
       "centre": rng.uniform(-0.05, 0.05, (p, 2)),
       "radii": np.stack([rng.uniform(0.72, 0.82, p), rng.uniform(0.56, 0.66, p)], 1),
-      "texture_phase": rng.uniform(0, 2 * np.pi, (p, 4)),
+      "texture_phase": rng.uniform(0, 2 * np.pi, (p, 3)),
       "tumour_run": run,
       "tumour_start": np.array([rng.integers(max(0, slices // 6), max(1, slices - r - slices // 6)
                                              + 1) for r in run]),
