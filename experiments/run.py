@@ -41,30 +41,6 @@ flags.DEFINE_string("workdir", None, "output folder (default ./runs/<config name
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (several hosts)")
 
 
-def _config_arg_index(argv):
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return i, a.split("=", 1)[1], True
-    if a == "--config" and i + 1 < len(argv):
-      return i, argv[i + 1], False
-  return None, None, None
-
-
-def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
-  """Rewrites a bare `--config=NAME[:arg]` into the config file path; returns (argv, NAME)."""
-  argv = list(argv)
-  i, value, joined = _config_arg_index(argv)
-  if i is None:
-    return argv, None
-  path = base.resolve_config_path(value)
-  if joined:
-    argv[i] = "--config=" + path
-  else:
-    argv[i + 1] = path
-  name = os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
-  return argv, name
-
-
 def main(argv, name):
   del argv
   if not FLAGS["verbosity"].present:
@@ -81,7 +57,7 @@ def main(argv, name):
 def run(argv=None):
   argv = sys.argv if argv is None else argv
   try:
-    argv, name = resolve_argv(argv)
+    argv, name = base.resolve_argv(argv)
   except ValueError as e:
     sys.exit(f"error: {e}")
   if name is None:

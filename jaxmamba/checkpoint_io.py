@@ -6,8 +6,9 @@ Two layouts are read, both with a `model.json` (`{"model": NAME, ...}`) naming t
   checkpoint of `{"params": ..., ["batch_stats": ...]}`;
 * a training work directory: `WORKDIR/model.json` + `WORKDIR/checkpoints/<step>/<item>/` written by
   an Orbax `CheckpointManager` whose item is a dict holding at least "params" (and "batch_stats",
-  "opt_state", "step", ...).  `WORKDIR/checkpoints/best` (a checkpoint directory laid out like a
-  step) wins if present, else the highest step.
+  "opt_state", "step", ...).  `WORKDIR/checkpoints/best` (the trainer's best-by-validation
+  manager, `best/<step>/<item>`; a bare step or item folder also works) wins if present, else the
+  highest step.
 
 Only "params" and "batch_stats" are restored (partially, as numpy arrays), so neither the optimizer
 structure nor the devices the checkpoint was written on are needed.  `load_variables` also accepts
@@ -94,31 +95,29 @@ def _is_pytree_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "_METADATA"))
 
 
-def _item_dir(step_dir: str) -> str:
-  """The PyTree item inside a CheckpointManager step directory (or the directory itself)."""
-  if _is_pytree_checkpoint(step_dir):
-    return step_dir
-  items = sorted(e for e in os.listdir(step_dir)
-                 if _is_pytree_checkpoint(os.path.join(step_dir, e)))
-  if not items:
-    raise CheckpointError(f"{step_dir}: no Orbax checkpoint item inside")
-  # A manager may keep several items (e.g. "state" and "metrics"); prefer the one with params.
-  for name in items:
-    if "params" in _metadata_tree(os.path.join(step_dir, name)):
-      return os.path.join(step_dir, name)
-  raise CheckpointError(f"{step_dir}: no checkpoint item holds 'params' (items: {items})")
-
-
-def _latest_step_dir(checkpoints: str) -> str:
-  best = os.path.join(checkpoints, BEST_DIR)
-  if os.path.isdir(best):
-    return best
+def _step_dirs(directory: str) -> list[int]:
   # Unfinished Orbax saves live in "<step>.orbax-checkpoint-tmp-*" folders: only plain integers.
-  steps = [int(e) for e in os.listdir(checkpoints)
-           if re.fullmatch(r"\d+", e) and os.path.isdir(os.path.join(checkpoints, e))]
-  if not steps:
-    raise CheckpointError(f"{checkpoints}: no finished checkpoint steps")
-  return os.path.join(checkpoints, str(max(steps)))
+  return sorted(int(e) for e in os.listdir(directory)
+                if re.fullmatch(r"\d+", e) and os.path.isdir(os.path.join(directory, e)))
+
+
+def _resolve(directory: str) -> str:
+  """The PyTree item under `directory`: the directory itself, its newest step (a CheckpointManager
+  root), or, inside a step, the item that holds "params"."""
+  if _is_pytree_checkpoint(directory):
+    return directory
+  steps = _step_dirs(directory)
+  if steps:
+    return _resolve(os.path.join(directory, str(steps[-1])))
+  items = sorted(e for e in os.listdir(directory)
+                 if _is_pytree_checkpoint(os.path.join(directory, e)))
+  if not items:
+    raise CheckpointError(f"{directory}: no Orbax checkpoint inside")
+  # A manager may keep several items (e.g. "state" and "metrics"); take the one with params.
+  for name in items:
+    if "params" in _metadata_tree(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise CheckpointError(f"{directory}: no checkpoint item holds 'params' (items: {items})")
 
 
 def find_checkpoint(path: str) -> str:
@@ -129,10 +128,17 @@ def find_checkpoint(path: str) -> str:
   if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
     return os.path.join(path, VARIABLES_DIR)
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    return _item_dir(_latest_step_dir(os.path.join(path, CHECKPOINTS_DIR)))
-  if os.path.basename(path) == CHECKPOINTS_DIR:
-    return _item_dir(_latest_step_dir(path))
-  return _item_dir(path)
+    path = os.path.join(path, CHECKPOINTS_DIR)
+  best = os.path.join(path, BEST_DIR)
+  # The trainer creates best/ before its first validation; an empty one does not count.
+  if os.path.basename(path) == CHECKPOINTS_DIR and os.path.isdir(best) and _has_checkpoint(best):
+    return _resolve(best)
+  return _resolve(path)
+
+
+def _has_checkpoint(directory: str) -> bool:
+  return (_is_pytree_checkpoint(directory) or bool(_step_dirs(directory))
+          or any(_is_pytree_checkpoint(os.path.join(directory, e)) for e in os.listdir(directory)))
 
 
 def _metadata_tree(item: str) -> dict:

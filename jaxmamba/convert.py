@@ -63,7 +63,7 @@ def expected_variables(model_name: str):
   """Abstract shapes of the model's variables (no compute)."""
   model = registry.build(model_name)
   x = jax.ShapeDtypeStruct((1, _PROBE_SIZE, _PROBE_SIZE, 3), jnp.float32)
-  return jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.PRNGKey(0), x)
 
 
 def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict:

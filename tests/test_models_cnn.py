@@ -2,6 +2,7 @@
 state_dict checking, torchvision encoder loading, initialisation and mixed precision."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -63,25 +64,33 @@ def _apply_fn(name: str, train: bool, dtype=None):
   return jax.jit(lambda v, x: model.apply(v, x, train=False))
 
 
-def compare(name: str, size: int, train: bool, batch: int = 2, seed: int = 0):
-  """Runs the torch oracle and our model on the same input; returns (rel err, ours, theirs)."""
+def compare(name: str, size: int, train: bool, batch: int = 2, seed: int = 0,
+            float64_reference: bool = False):
+  """Runs the torch oracle and our model on the same input; returns ||ours - torch|| / ||torch||.
+
+  With `float64_reference`, returns (ours vs torch-float64, torch-float32 vs torch-float64).
+  """
   tm = perturbed(TORCH_MODELS[name](), seed)
   variables = registry.from_torch_state_dict(name, tm.state_dict())
   x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+  tm64 = copy.deepcopy(tm).double().train(train) if float64_reference else None
   tm.train(train)
   with torch.no_grad():
     want = tm.forward_full(x) if name == "segformer" else tm(x)
+    want64 = tm64(x.double()) if float64_reference else None
   got = _apply_fn(name, train)(variables, jnp.asarray(nhwc(x)))
   if train:
     got, updates = got
     # the running statistics torch updated must equal ours
-    want_stats = registry.from_torch_state_dict(name, tm.state_dict())["batch_stats"]
+    want_stats = registry.from_torch_state_dict(name, (tm64 or tm).state_dict())["batch_stats"]
     assert (jax.tree_util.tree_structure(updates["batch_stats"])
             == jax.tree_util.tree_structure(want_stats))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0],
                             jax.tree_util.tree_leaves(want_stats)):
       assert rel_err(a, b) <= 1e-4, jax.tree_util.keystr(path)
   assert got.shape == (batch, size, size, 1)
+  if float64_reference:
+    return rel_err(got, nhwc(want64)), rel_err(nhwc(want), nhwc(want64))
   return rel_err(got, nhwc(want))
 
 
@@ -134,12 +143,21 @@ def test_resnet18_parity_train_mode():
   assert compare("resnet18_seg", 64, train=True) <= 1e-4
 
 
-@pytest.mark.parametrize("train", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_resnet50_parity_64(train):
-  assert compare("resnet50_seg", 64, train=train) <= 1e-4
+@pytest.mark.slow
+def test_resnet50_parity_64_eval():
+  assert compare("resnet50_seg", 64, train=False) <= 1e-4
 
 
-@pytest.mark.parametrize("size,train", [(64, False), (64, True), (256, False)])
+def test_resnet50_parity_64_train_mode():
+  """Train-mode BN on layer4's 2x2 maps (8 values per channel) is ill-conditioned: torch's own
+  float32 result is ~1e-4 from float64 for some seeds.  So the reference is torch in float64 and
+  we must be as close to it as torch's float32 is."""
+  ours, torch32 = compare("resnet50_seg", 64, train=True, seed=1, float64_reference=True)
+  assert ours <= max(1e-4, 1.5 * torch32), (ours, torch32)
+
+
+@pytest.mark.parametrize("size,train", [(64, False), (64, True),
+                                         pytest.param(256, False, marks=pytest.mark.slow)])
 def test_segformer_parity(size, train):
   assert compare("segformer", size, train=train, batch=2 if size == 64 else 1) <= 1e-4
 
@@ -147,10 +165,11 @@ def test_segformer_parity(size, train):
 def test_segformer_internal_logits_are_quarter_resolution_upsampled():
   """sigmoid(ours) equals the authors' probabilities after *their* upsample of H/4 logits."""
   tm = perturbed(torch_segformer.SegFormer(), 3).eval()
-  x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+  # batch 2 like the parity test, so the compiled function is reused
+  x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
   with torch.no_grad():
     quarter = tm(x)
-  assert quarter.shape == (1, 1, 16, 16)
+  assert quarter.shape == (2, 1, 16, 16)
   probs = torch.sigmoid(torch.nn.functional.interpolate(quarter, size=(64, 64), mode="bilinear",
                                                         align_corners=False))
   variables = registry.from_torch_state_dict("segformer", tm.state_dict())
@@ -162,9 +181,10 @@ def test_segformer_internal_logits_are_quarter_resolution_upsampled():
 # State dict checking
 
 
-@pytest.mark.parametrize("name,key", [("unet", "decoder2.3.weight"),
-                                      ("resnet18_seg", "encoder.5.0.downsample.0.weight"),
-                                      ("segformer", "encoder.stages.1.blocks.2.0.fn.1.att.in_proj_weight")])
+@pytest.mark.parametrize("name,key", [
+    ("unet", "decoder2.3.weight"),
+    ("resnet18_seg", "encoder.5.0.downsample.0.weight"),
+    ("segformer", "encoder.stages.1.blocks.2.0.fn.1.att.in_proj_weight")])
 def test_mismatched_state_dict_names_the_key(name, key):
   sd = dict(TORCH_MODELS[name]().state_dict())
   assert key in sd

@@ -133,28 +133,34 @@ def test_gradients_match_torch():
   everything = rel_err(np.concatenate([np.ravel(flat[k]) for k in flat_t]),
                        np.concatenate([np.ravel(flat_t[k]) for k in flat_t]))
   assert everything <= TOL
+  # Per tensor too, so a small tensor cannot hide in the total.  The absolute slack covers float32
+  # cancellation in tiny sums (e.g. a bias whose gradient is a sum of +- terms ~1e3 times larger),
+  # and exactly-zero gradients (A_log at a 1x1 bottleneck: with L = 1, exp(delta*A) never acts).
+  scale = max(float(np.abs(v).max()) for v in flat_t.values())
   for k in flat_t:
-    if np.any(flat_t[k]):
-      assert rel_err(flat[k], flat_t[k]) <= 1e-3, k
-    else:  # e.g. A_log where the bottleneck is 1x1: with L = 1 the scan never multiplies by exp(dA)
-      np.testing.assert_allclose(flat[k], 0.0, atol=1e-7, err_msg=k)
+    err = np.linalg.norm(np.ravel(flat[k]) - np.ravel(flat_t[k]))
+    assert err <= 1e-3 * np.linalg.norm(flat_t[k]) + 1e-6 * scale, (k, err, np.linalg.norm(flat_t[k]))
 
 
 def test_bfloat16_close_to_float32():
+  """dtype=bfloat16 computes in bf16 (norms and scan in float32) and stays near the float32 oracle."""
   model_t = perturbed_torch_model("ulvmunet", seed=7)
+  x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+  with torch.no_grad():
+    logits_t = model_t.forward_logits(x).numpy()
   variables = registry.from_torch_state_dict("ulvmunet", model_t.state_dict())
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
-  out = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    model = registry.build("ulvmunet", scan_impl="reference", dtype=dtype)
-    out[dtype] = compiled(model.apply, variables, x)(variables, x)
-  assert out[jnp.bfloat16].dtype == jnp.float32 and out[jnp.bfloat16].shape == (2, 32, 32, 1)
-  assert 0 < rel_err(out[jnp.bfloat16], out[jnp.float32]) < 0.1
+  model = registry.build("ulvmunet", scan_impl="reference", dtype=jnp.bfloat16)
+  out = compiled(model.apply, variables, nhwc(x))(variables, nhwc(x))
+  assert out.dtype == jnp.float32 and out.shape == (2, 32, 32, 1)
+  assert jax.tree.leaves(variables)[0].dtype == np.float32
+  # Not float32-exact (so bf16 really ran), but close.
+  assert 1e-4 < rel_err(nchw(out), logits_t) < 0.1
 
 
-@pytest.mark.parametrize("name", ["ulvmunet", "ulvmunet_v4"])
-def test_init_follows_authors_reinitialisation(name):
-  """Per-tensor statistics of our init against the authors' constructor (spec §1.6)."""
+def test_init_follows_authors_reinitialisation():
+  """Per-tensor statistics of our init against the authors' constructor (spec §1.6).  v4 has
+  every kind of layer (convs, PVMs with PPMs, bridge)."""
+  name = "ulvmunet_v4"
   ours = compiled(registry.build(name).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   torch.manual_seed(0)
@@ -175,9 +181,6 @@ def test_init_follows_authors_reinitialisation(name):
 # in call order encoder4/5/6, decoder1/2/3 (5-level: encoder3/4/5, decoder1/2/3).
 SCAN_SHAPES_256 = {
     "ulvmunet": [(4, 12, 1024), (4, 16, 256), (4, 24, 64), (4, 32, 64), (4, 24, 64), (4, 16, 256)],
-    "ulvmunet_v2": [(8, 6, 1024), (8, 8, 256), (8, 12, 64), (8, 16, 64), (8, 12, 64), (8, 8, 256)],
-    "ulvmunet_v1": [(4, 16, 4096), (4, 32, 1024), (4, 64, 256), (4, 128, 256), (4, 64, 256),
-                    (4, 32, 1024)],
     "ulvmunet_v3": [(8, 8, 4096), (8, 16, 1024), (8, 32, 256), (8, 64, 256), (8, 32, 256),
                     (8, 16, 1024)],
     "ulvmunet_v4": [(8, 16, 1024), (8, 32, 256), (8, 64, 64), (8, 128, 64), (8, 64, 64),

@@ -20,12 +20,14 @@ SEED = int.from_bytes(os.urandom(4), "little")
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
 
-def _shapes():
+FIXED_SHAPES = [(2, 32, 4096, 16, 0), (16, 24, 1024, 16, 0), (1, 5, 1, 16, 0), (2, 48, 64, 16, 2)]
+
+
+def _fresh_shapes(count=3):
+  """Drawn at run time (not at collection: pytest-xdist workers must collect the same tests)."""
   rng = np.random.default_rng(SEED)
-  fixed = [(2, 32, 4096, 16, 0), (16, 24, 1024, 16, 0), (1, 5, 1, 16, 0), (2, 48, 64, 16, 2)]
-  fresh = [(int(rng.integers(1, 5)), int(rng.integers(1, 80)), int(rng.integers(1, 3000)),
-            int(rng.choice([4, 8, 16])), 0) for _ in range(3)]
-  return fixed + fresh
+  return [(int(rng.integers(1, 5)), int(rng.integers(1, 80)), int(rng.integers(1, 3000)),
+           int(rng.choice([4, 8, 16])), 0) for _ in range(count)]
 
 
 def _inputs(key, batch, dim, length, nstate, groups, dtype):
@@ -54,23 +56,33 @@ def _loss(impl):
   return f
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_every_gradient_match_reference(shape, dtype):
+def _check(shape, dtype):
   args = _inputs(jax.random.PRNGKey(SEED % 1000 + shape[2]), *shape, dtype)
   y, last = jax.jit(lambda *a: ss.selective_scan(*a, delta_softplus=True, return_last_state=True,
                                                  impl="triton"))(*args)
   y_ref, last_ref = ss.selective_scan(*args, delta_softplus=True, return_last_state=True,
                                       impl="reference")
   assert y.dtype == args[0].dtype and last.dtype == jnp.float32
-  _close(y, y_ref, TOL[dtype], "y")
-  _close(last, last_ref, TOL[dtype], "last state")
+  _close(y, y_ref, TOL[dtype], f"y {shape}")
+  _close(last, last_ref, TOL[dtype], f"last state {shape}")
   argnums = tuple(range(8))
   got = jax.jit(jax.grad(_loss("triton"), argnums=argnums))(*args)
   want = jax.jit(jax.grad(_loss("reference"), argnums=argnums))(*args)
   for name, g, w, x in zip("u delta A B C D z delta_bias".split(), got, want, args):
     assert g.shape == x.shape and g.dtype == x.dtype, name
-    _close(g, w, 3 * TOL[dtype], "d" + name)
+    _close(g, w, 3 * TOL[dtype], f"d{name} {shape}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", FIXED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_every_gradient_match_reference(shape, dtype):
+  _check(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fresh_random_shapes(dtype):
+  for shape in _fresh_shapes():
+    _check(shape, dtype)
 
 
 def test_vmap_folds_into_batch_and_matches_reference():

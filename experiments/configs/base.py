@@ -53,6 +53,30 @@ def resolve_config_path(value: str) -> str:
                    f"{', '.join(known_configs())}")
 
 
+def _config_arg_index(argv):
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return i, a.split("=", 1)[1], True
+    if a == "--config" and i + 1 < len(argv):
+      return i, argv[i + 1], False
+  return None, None, None
+
+
+def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
+  """Rewrites a bare `--config=NAME[:arg]` into the config file path; returns (argv, NAME)."""
+  argv = list(argv)
+  i, value, joined = _config_arg_index(argv)
+  if i is None:
+    return argv, None
+  path = resolve_config_path(value)
+  if joined:
+    argv[i] = "--config=" + path
+  else:
+    argv[i + 1] = path
+  name = os.path.splitext(os.path.basename(path.partition(":")[0]))[0]
+  return argv, name
+
+
 def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str, optimizer: str,
                 learning_rate: float, weight_decay: float, threshold: str,
                 train_image_size: int = 0) -> ml_collections.ConfigDict:

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
       print(f"{name:<14} {'not available':>12} {paper:>12,}   ({type(e).__name__}: {e})")
       continue
     mark = "" if row["params"] == paper else "  (!= paper)"
-    print(f"{name:<14} {row['params']:>12,} {paper:>12,} {_fmt(row['gflops'], '8.2f')} "
+    print(f"{name:<14} {row['params']:>12,} {paper:>12,} {_fmt(row['gflops'], '8.4g')} "
           f"{_fmt(row['ms'], '9.1f')}{mark}", flush=True)
   return 0
 

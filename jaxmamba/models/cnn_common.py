@@ -41,7 +41,7 @@ class BatchNorm2d(nn.Module):
     if train:
       n = math.prod(x.shape[:-1])
       if n < 2:
-        raise ValueError(f"BatchNorm2d: training needs more than 1 value per channel, got {x.shape}")
+        raise ValueError(f"BatchNorm2d: training needs > 1 value per channel, got {x.shape}")
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x, axes)
       var = jnp.mean(jnp.square(x - mean), axes)   # two-pass, biased: what torch normalises with

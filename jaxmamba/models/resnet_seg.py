@@ -81,7 +81,8 @@ class ResNetSeg(nn.Module):
     kind, blocks = LAYOUTS[self.depth]
     y = _conv(64, 7, 2, "conv1", self.dtype)(x)
     y = nn.relu(BatchNorm2d(name="bn1")(y, train))
-    y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))   # pads with -inf, as torch
+    # max_pool pads with -inf, as torch does
+    y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (width, n) in enumerate(zip(LAYER_WIDTHS, blocks), start=1):
       for j in range(n):
         stride = 2 if (i > 1 and j == 0) else 1
@@ -128,7 +129,7 @@ def _read_encoder(conv: TorchConverter, depth: int, torchvision: bool) -> None:
 
 
 def from_torch_state_dict(state_dict, depth: int) -> dict:
-  """Flax variables from the authors' ResNet{18,50}Seg state_dict (keys `encoder.*`, `decoder.*`)."""
+  """Flax variables from the authors' ResNet{18,50}Seg state_dict (`encoder.*`, `decoder.*`)."""
   if depth not in LAYOUTS:
     raise ValueError(f"ResNetSeg: depth must be one of {sorted(LAYOUTS)}, got {depth}")
   conv = TorchConverter(state_dict, expected_variables(ResNetSeg(depth)))

@@ -103,3 +103,28 @@ class Checkpointer:
 
   def restore_best(self, like: dict):
     return self._restore_newest(self.best, like, "best")
+
+
+def load_checkpoint(workdir: str, which: str = "latest", step: int | None = None) -> tuple[dict, int]:
+  """(item, step) of a run's checkpoint on the default device, whatever topology saved it.
+
+  `which` is "latest" (WORKDIR/checkpoints) or "best" (WORKDIR/checkpoints/best); `step` picks
+  one step instead of the newest.  For analysis and tests; training restores with Checkpointer.
+  """
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+  root = os.path.join(os.path.abspath(workdir), "checkpoints")
+  root = root if which == "latest" else os.path.join(root, "best")
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise CheckpointError(f"no {which} checkpoint under {root}")
+  step = steps[-1] if step is None else int(step)
+  path = os.path.join(root, str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  item = checkpointer.restore(path, abstract)
+  checkpointer.close()
+  return item, step

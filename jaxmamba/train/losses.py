@@ -38,20 +38,52 @@ def bce_with_logits(logits, masks, weights=None):
   return jnp.sum(elem * w) / jnp.maximum(jnp.sum(wi) * per_image_count, 1.0)
 
 
-def clamped_bce_from_logits(logits, masks, weights=None):
-  """torch BCELoss on sigmoid(logits), with its log clamp at -100, computed from logits.
+def _clamped_logs(x):
+  """(log p, log(1 - p)) of p = float32 sigmoid(x), each clamped at -100 as torch BCELoss does.
 
-  log(sigmoid(x)) = log_sigmoid(x) and log(1 - sigmoid(x)) = log_sigmoid(-x) are exact and finite
-  in float32; clamping them at -100 gives what BCELoss returns on the probabilities (where torch's
-  float32 sigmoid rounds to 0 or 1 the log is -inf and the clamp yields the same -100).
+  log_sigmoid keeps both finite for any x.  One float32 effect is kept on purpose: above x ~ 16.6
+  torch's sigmoid rounds to exactly 1, so its log(1 - p) is log(0), clamped to -100; the same is
+  done here where sigmoid(x) == 1.  (sigmoid only reaches 0 below x ~ -103, already clamped.)
+  """
+  saturated = jax.nn.sigmoid(x) == 1.0
+  log_p = jnp.maximum(jax.nn.log_sigmoid(x), -100.0)
+  log_1mp = jnp.maximum(jax.nn.log_sigmoid(-jnp.where(saturated, 0.0, x)), -100.0)
+  return log_p, jnp.where(saturated, -100.0, log_1mp)
+
+
+@jax.custom_vjp
+def _bce_elements(x, y):
+  log_p, log_1mp = _clamped_logs(x)
+  return -(y * log_p + (1.0 - y) * log_1mp)
+
+
+def _bce_fwd(x, y):
+  return _bce_elements(x, y), (x, y)
+
+
+def _bce_bwd(res, g):
+  # torch: dL/dp = (p - y) / max(p (1 - p), 1e-12), then sigmoid's backward multiplies by
+  # p (1 - p); the epsilon damps the gradient of confidently wrong pixels (|x| > ~27.6) and
+  # zeroes it where p rounds to 0 or 1.
+  x, y = res
+  p = jax.nn.sigmoid(x)
+  s = p * (1.0 - p)
+  log_p, log_1mp = _clamped_logs(x)
+  return g * (p - y) * s / jnp.maximum(s, 1e-12), g * (log_1mp - log_p)
+
+
+_bce_elements.defvjp(_bce_fwd, _bce_bwd)
+
+
+def clamped_bce_from_logits(logits, masks, weights=None):
+  """torch BCELoss (mean) on float32 sigmoid(logits), computed from logits without inf/NaN.
+
+  Values and gradients equal the authors' loss on their models' probability output, including
+  the log clamp at -100 and BCELoss's backward epsilon (see `_clamped_logs`, `_bce_bwd`).
   """
   w, wi = _per_image(logits, weights)
-  x = logits.astype(jnp.float32)
-  y = masks.astype(jnp.float32)
-  log_p = jnp.maximum(jax.nn.log_sigmoid(x), -100.0)
-  log_1mp = jnp.maximum(jax.nn.log_sigmoid(-x), -100.0)
-  elem = -(y * log_p + (1.0 - y) * log_1mp)
-  return jnp.sum(elem * w) / jnp.maximum(jnp.sum(wi) * x[0].size, 1.0)
+  elem = _bce_elements(logits.astype(jnp.float32), masks.astype(jnp.float32))
+  return jnp.sum(elem * w) / jnp.maximum(jnp.sum(wi) * logits[0].size, 1.0)
 
 
 def dice_loss_per_image(logits, masks, smooth: float = 1.0, weights=None):

@@ -134,7 +134,7 @@ class _Setup:
            "step": state["step"] + 1}
     if self.has_bn:
       new["batch_stats"] = updates["batch_stats"]
-    stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "lr": opt_state.hyperparams["learning_rate"]}
     return new, stats
 

@@ -2,7 +2,8 @@
 
 Module structure (and so state_dict keys) of the FrancescoSaverioZuppichini re-implementation the
 authors used: encoder.stages[i] = Sequential(overlap_patch_merge, blocks, norm); each block a
-Sequential of two residual wrappers holding `fn`; attention `reducer` + `att` (nn.MultiheadAttention);
+Sequential of two residual wrappers holding `fn`; attention `reducer` + `att`
+(nn.MultiheadAttention);
 decoder.stages[j] = Sequential(UpsamplingBilinear2d, Conv 1x1); head.fuse = (conv, ReLU, BN),
 head.predict.  Stochastic depth has p=0 (identity, no parameters) and is left out.
 `forward` returns the authors' (B, 1, H/4, W/4) logits; `forward_full` adds their upsample.

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton selective scan (run once, from the repo root, on the device
+# machine: Python 3.12, jax 0.11.2 + CUDA 13, triton 3.6.0, torch; no jax-triton, no internet).
+#
+#   carry: .whl   (jax_triton-0.3.1-py3-none-any.whl, fetched on the CPU machine with
+#                  pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl jax-triton==0.3.1)
+#   run:   bash kernels/gpu_check.sh          (timeout_s 540; it budgets itself to ~7.5 minutes)
+#
+# Writes to $OUT (6 files): env.txt, tests.log, bench.log, bench_f32.md, sweep.log, sweep.md.
+# Every stage has its own timeout and the script carries on past failures, so one run gives
+# everything it can.  Needs neither ml-collections nor tensorflow-datasets.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+T0=$(date +%s)
+stage() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+
+stage "install carried wheels"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || echo "wheel install FAILED"
+fi
+export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# jax preallocates 75% of the GPU by default; the bench's peak-memory column must not see that,
+# and the reference/associative baselines need room.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+stage "environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 - <<'EOF'
+import sys, jax, triton
+print("python", sys.version.split()[0], "jax", jax.__version__, "triton", triton.__version__)
+print("devices", jax.devices())
+try:
+  import jax_triton
+  print("jax_triton", jax_triton.__version__ if hasattr(jax_triton, "__version__") else "?")
+except Exception as e:
+  print("jax_triton import FAILED:", type(e).__name__, e)
+from jaxmamba.ops import triton_dispatch
+print("triton_dispatch.available():", triton_dispatch.available())
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+stage "GPU tests (tests/test_triton_gpu.py, <= 150 s)"
+timeout 150 python3 -m pytest -q --maxfail=6 --no-header -p no:cacheprovider -m gpu \
+  tests/test_triton_gpu.py -rA 2>&1 | tee "$OUT/tests.log" | grep -v "^PASSED" | tail -40
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
+
+stage "bench, float32, default GPU shapes: triton, chunked(64), associative (<= 200 s)"
+timeout 230 python3 -m kernels.bench --mode gpu --budget-s 170 --out "$OUT/bench_f32.md" \
+  > "$OUT/bench.log" 2>&1
+echo "bench exit: $?" | tee -a "$OUT/bench.log"
+tail -30 "$OUT/bench.log"
+
+stage "triton CHUNK sweep (32, 128) and bfloat16 on the three calibration shapes (<= 80 s)"
+{
+  timeout 45 python3 -m kernels.bench --mode gpu --impls triton --triton-chunks 32,128 \
+    --shapes 64,32,4096,16 16,1024,256,16 4,2048,4096,16 --repeats 3
+  echo "sweep exit: $?"
+  timeout 35 python3 -m kernels.bench --mode gpu --impls triton --dtype bfloat16 \
+    --shapes 64,32,4096,16 16,1024,256,16 4,2048,4096,16 --repeats 3
+  echo "bf16 exit: $?"
+} > "$OUT/sweep.log" 2>&1
+grep "^|" "$OUT/sweep.log" | sort -u > "$OUT/sweep.md"
+tail -20 "$OUT/sweep.log"
+stage "done"

@@ -1,0 +1,47 @@
+"""kernels.bench on the CPU: tiny shapes, every column filled, the table written, bad input refused."""
+import argparse
+
+import jax.numpy as jnp
+import pytest
+
+from kernels import bench
+
+
+def test_bench_cpu_writes_a_full_table(tmp_path, capsys):
+  out = tmp_path / "table.md"
+  rc = bench.main(["--mode", "cpu", "--impls", "chunked,associative,reference", "--chunks",
+                   "4,16", "--shapes", "2,3,20,4", "1x2x7x2", "--repeats", "1", "--out",
+                   str(out)])
+  assert rc == 0
+  text = out.read_text()
+  rows = [line for line in text.splitlines() if line.startswith("| ") and "impl" not in line]
+  names = sorted({r.split("|")[1].strip() for r in rows})
+  assert names == ["associative", "chunked(16)", "chunked(4)", "reference"]
+  assert len(rows) == 8                       # 4 implementations x 2 shapes
+  for r in rows:
+    cells = [c.strip() for c in r.strip("|").split("|")]
+    assert len(cells) == 8
+    ms_fwd, gbs, ms_fb = float(cells[2]), float(cells[3]), float(cells[5])
+    assert ms_fwd > 0 and gbs > 0 and ms_fb > 0
+    assert cells[4].endswith("%") and cells[6].endswith("%")
+  assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_budget_stops_new_rows():
+  _, rows = bench.run("cpu", ["chunked"], [(1, 2, 8, 2), (1, 2, 9, 2)], [4], [64], jnp.float32,
+                      repeats=1, budget_s=0.0, log=lambda s: None)
+  assert rows == []
+
+
+def test_min_bytes_counts_each_array_once():
+  b, d, L, n = 2, 3, 5, 4
+  fwd, fb = bench.min_bytes((b, d, L, n), jnp.float32)
+  assert fwd == 4 * (4 * b * d * L + 2 * b * n * L)     # u, delta, z, y; B, C
+  assert fb == fwd + 4 * (4 * b * d * L + 2 * b * n * L)  # dy, du, ddelta, dz; dB, dC
+  assert bench.min_bytes((b, d, L, n), jnp.bfloat16)[0] == fwd // 2
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "1,2,3,0", "a,b,c,d"])
+def test_bad_shapes_are_refused(text):
+  with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+    bench.parse_shape(text)

@@ -1,0 +1,90 @@
+"""Metrics on hand-worked examples (counts written out by hand, not produced by the code)."""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmamba.train import metrics
+
+
+def test_thresholds_follow_the_paper():
+  logits = jnp.asarray([[-1.0], [0.2], [0.5], [0.7]])
+  # raw-logit rule (UNet/ResNet/UMamba): >= 0.5; sigmoid rule (SegFormer/UL): logit >= 0.
+  assert metrics.binarize(logits, "logit").ravel().tolist() == [False, False, True, True]
+  assert metrics.binarize(logits, "sigmoid").ravel().tolist() == [False, True, True, True]
+  with pytest.raises(ValueError, match="unknown threshold"):
+    metrics.binarize(logits, "otsu")
+
+
+def test_pixel_counts_per_image():
+  logits = np.full((2, 2, 2, 1), -5.0, np.float32)
+  masks = np.zeros((2, 2, 2, 1), np.float32)
+  logits[0, 0, 0] = logits[0, 0, 1] = 5.0      # image 0 predicts 2 pixels
+  masks[0, 0, 0] = masks[0, 1, 1] = 1.0        # image 0 has 2 true pixels, 1 shared
+  masks[1, 1, 0] = 1.0                         # image 1: 1 true pixel, no prediction
+  c = metrics.pixel_counts(jnp.asarray(logits), jnp.asarray(masks), "sigmoid")
+  assert np.asarray(c["inter"]).tolist() == [1, 0]
+  assert np.asarray(c["pred"]).tolist() == [2, 0]
+  assert np.asarray(c["true"]).tolist() == [2, 1]
+
+
+def test_paper_metric_pools_each_batch_and_weights_batches_equally():
+  # 3 slices, batch size 2 -> batches {0, 1} and {2} (partial, weighted like the full one).
+  inter = [3, 1, 2]
+  pred = [4, 1, 2]
+  true = [4, 3, 6]
+  m = metrics.paper_metrics(inter, pred, true, batch_size=2)
+  # batch 1: I=4, P=5, G=7 -> Dice 8/12, IoU 4/8; batch 2: I=2, P=2, G=6 -> Dice 4/8, IoU 2/6.
+  assert m["dice"] == pytest.approx((8 / 12 + 4 / 8) / 2)
+  assert m["iou"] == pytest.approx((4 / 8 + 2 / 6) / 2)
+  assert m["num_batches"] == 2 and m["nan_batches"] == 0
+
+
+def test_paper_metric_nan_when_a_batch_is_all_empty():
+  m = metrics.paper_metrics([2, 0, 0], [2, 0, 0], [2, 0, 0], batch_size=1)
+  assert math.isnan(m["dice"]) and m["nan_batches"] == 2
+  assert m["dice_nanmean"] == pytest.approx(1.0)
+  assert m["iou"] == pytest.approx(1 / 3)          # empty union counts as IoU 0
+
+
+def test_paper_metric_depends_on_batch_size():
+  inter, pred, true = [9, 0], [10, 5], [10, 0]     # a good slice and a false-positive one
+  by_one = metrics.paper_metrics(inter, pred, true, 1)["dice"]
+  by_two = metrics.paper_metrics(inter, pred, true, 2)["dice"]
+  assert by_one == pytest.approx((18 / 20 + 0.0) / 2)
+  assert by_two == pytest.approx(18 / 25)
+
+
+def test_slice_metric_empty_handling():
+  # (a) hit, (b) empty-on-empty, (c) false positive on empty, (d) missed tumour.
+  inter = [1, 0, 0, 0]
+  pred = [1, 0, 3, 0]
+  true = [3, 0, 0, 2]
+  m = metrics.slice_metrics(inter, pred, true)
+  assert m["dice"] == pytest.approx((2 / 4 + 1 + 0 + 0) / 4)
+  assert m["iou"] == pytest.approx((1 / 3 + 1 + 0 + 0) / 4)
+  assert m["dice_tumour"] == pytest.approx((2 / 4 + 0) / 2)
+  assert m["false_positive_rate_empty"] == pytest.approx(0.5)
+  assert m["num_tumour_slices"] == 2
+
+
+def test_patient_dice_sums_volumes():
+  inter = [1, 1, 0, 0]
+  pred = [2, 1, 0, 0]
+  true = [1, 2, 0, 0]
+  patients = ["A", "A", "B", "B"]
+  m = metrics.patient_metrics(inter, pred, true, patients)
+  # A: 2*2 / (3 + 3) ; B: empty volume predicted empty -> 1.
+  assert m["per_patient"] == {"A": pytest.approx(4 / 6), "B": 1.0}
+  assert m["dice"] == pytest.approx((4 / 6 + 1) / 2)
+
+
+def test_accumulator_drops_padding():
+  acc = metrics.CountAccumulator()
+  acc.add({"inter": np.array([1, 2, 9]), "pred": np.array([1, 2, 9]),
+           "true": np.array([1, 2, 9])}, valid=2)
+  inter, _, _ = acc.arrays()
+  assert inter.tolist() == [1, 2]
