@@ -41,10 +41,9 @@ def test_bce_with_logits_matches_torch():
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scale", [1.0, 10.0, 60.0])
-def test_ultralight_bce_dice_matches_torch_on_probabilities(scale):
-  """The authors' BceDiceLoss on sigmoid outputs (BCELoss clamps log at -100), from logits."""
-  logits, masks = _data(seed=1, scale=scale)
+def test_ultralight_bce_dice_matches_torch_on_probabilities():
+  """The authors' BceDiceLoss on sigmoid outputs (BCELoss + per-image Dice, smooth 1)."""
+  logits, masks = _data(seed=1, scale=2.0)
   lt, mt = torch.from_numpy(logits), torch.from_numpy(masks)
   p = torch.sigmoid(lt)
   bce = torch.nn.BCELoss()(p, mt)
@@ -53,8 +52,25 @@ def test_ultralight_bce_dice_matches_torch_on_probabilities(scale):
   dice = (2 * (pf * mf).sum(1) + 1) / (pf.sum(1) + mf.sum(1) + 1)
   expected = (bce + 1 - dice.mean()).item()
   got = float(losses.bce_dice_loss(jnp.asarray(logits), jnp.asarray(masks)))
-  # scale 10 and 60 reach torch's float32 saturation (sigmoid == 1 -> log(0) -> clamp -100).
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [10.0, 60.0])
+def test_clamped_bce_elements_at_large_logits(scale):
+  """Where torch's float32 sigmoid rounds to 1 its BCE term is the clamp (100); elsewhere ours is
+  the exact value (torch's own float32 1 - p loses digits there, so compare with float64)."""
+  logits, masks = _data(seed=1, scale=scale)
+  got = np.asarray(losses._bce_elements(jnp.asarray(logits), jnp.asarray(masks)))
+  p32 = torch.sigmoid(torch.from_numpy(logits)).numpy()
+  saturated = (p32 == 1.0) & (masks == 0)
+  assert saturated.any()
+  np.testing.assert_array_equal(got[saturated], 100.0)
+  p64 = torch.sigmoid(torch.from_numpy(logits).double())
+  exact = torch.nn.BCELoss(reduction="none")(p64, torch.from_numpy(masks).double()).numpy()
+  np.testing.assert_allclose(got[~saturated], exact[~saturated], rtol=1e-5, atol=1e-6)
+  # Confidently wrong positives are capped at 100 per pixel, as in torch.
+  wrong = jnp.full((1, 2, 2, 1), -1e4)
+  assert float(losses.clamped_bce_from_logits(wrong, jnp.ones_like(wrong))) == pytest.approx(100.0)
 
 
 def test_clamped_bce_gradient_matches_torch():
