@@ -1,19 +1,21 @@
-"""Selective-scan benchmark: `python -m kernels.bench [--mode cpu|gpu] [--impls ...] [--shapes ...]`.
+"""Selective-scan benchmark: `python -m kernels.bench [--mode cpu|gpu] [--impls ...] [--shapes ..]`.
 
 For every implementation and shape (batch, dim, L, N) it measures, float32 by default:
   fwd ms       y = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
   fwd+bwd ms   value and gradient of sum(y) w.r.t. all eight inputs
-  GB/s, %floor the minimum bytes (each input read once, each output written once; A, D and
-               delta_bias ignored) over the time, and that time over the floor time at the copy
-               bandwidth measured in the same run (XLA `a * 2` over a large donated array, read + write)
+  GB/s         the minimum bytes (each input read once, each output written once; A, D and
+               delta_bias ignored) over the time
+  % floor      the floor time (minimum bytes at the copy bandwidth measured in the same run: XLA
+               `a * 2` over a large donated array, read + write) over the time
   temp MiB     XLA's compiled memory_analysis() of the jitted fwd+bwd: scratch beyond its
                arguments and outputs (the same method on CPU and GPU; for impl="triton" it
                counts the chunk states and partial sums the kernels use)
 
-Inputs rotate among several buffer sets (>= 256 MiB in all on the GPU) so small shapes are not
-timed out of L2.  Implementations: triton (GPU), chunked (once per --chunks size), associative,
+Inputs rotate among up to 8 buffer sets (aiming at 256 MiB in all on the GPU, more than its L2)
+so small shapes are not timed out of L2.  Implementations: triton (GPU), chunked (once per --chunks size), associative,
 reference (small shapes only).
-Rows run implementation by implementation; --budget-s stops starting new ones after a time.  Prints a Markdown table; --out FILE also writes it.
+Rows run implementation by implementation; --budget-s stops starting new ones after a time.
+Prints a Markdown table; --out FILE also writes it.
 """
 from __future__ import annotations
 

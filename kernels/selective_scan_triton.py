@@ -94,8 +94,12 @@ def _gate(z_ptr, offs, mask, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _tile(L, dim, nchunks, groups,
-          N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+          N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
   """Indices of this program's (channels x steps) tile and the base offsets it needs."""
+  if ALIGNED:
+    # L % 16 == 0: rows start 64-byte aligned, so tile loads can be vectorised (jax_triton does
+    # not specialise integer arguments on divisibility itself).
+    L = tl.multiple_of(L, 16)
   c = tl.program_id(0)
   blk = tl.program_id(1)
   b = tl.program_id(2).to(tl.int64)
@@ -121,9 +125,10 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr,
                        L, dim, nchunks, groups,
                        P_ptr, S_ptr,
                        N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                       ALIGNED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
   c, b, group, d_idx, d_mask, i, t, row_base, bc_base, state_base = _tile(
-      L, dim, nchunks, groups, N, BLOCK_D, CHUNK)
+      L, dim, nchunks, groups, N, BLOCK_D, CHUNK, ALIGNED)
   t_mask = t < L
   mask = d_mask[:, None] & t_mask[None, :]
   offs = row_base[:, None] + t[None, :]
@@ -166,11 +171,11 @@ def _chain_chunks(P_ptr, S_ptr, init_ptr, nchunks, width,
 def _fwd_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, H_ptr,
                 L, dim, nchunks, groups,
                 y_ptr,
-                N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr):
   c, b, group, d_idx, d_mask, i, t, row_base, bc_base, state_base = _tile(
-      L, dim, nchunks, groups, N, BLOCK_D, CHUNK)
+      L, dim, nchunks, groups, N, BLOCK_D, CHUNK, ALIGNED)
   t_mask = t < L
   mask = d_mask[:, None] & t_mask[None, :]
   offs = row_base[:, None] + t[None, :]
@@ -221,9 +226,10 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr,
                        L, dim, nchunks, groups,
                        Q_ptr, G_ptr,
                        N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                       ALIGNED: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
   c, b, group, d_idx, d_mask, i, t, row_base, bc_base, state_base = _tile(
-      L, dim, nchunks, groups, N, BLOCK_D, CHUNK)
+      L, dim, nchunks, groups, N, BLOCK_D, CHUNK, ALIGNED)
   t_rev, delta_next, dy = _reversed_inputs(delta_ptr, bias_ptr, dout_ptr, z_ptr, row_base, c, i,
                                            d_idx, d_mask, L, CHUNK, HAS_Z, HAS_BIAS, SOFTPLUS)
   next_sum = tl.sum(delta_next, axis=1)
@@ -242,11 +248,11 @@ def _bwd_grads(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                H_ptr, Gin_ptr,
                L, dim, nchunks, groups,
                du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-               N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+               N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                SOFTPLUS: tl.constexpr):
   c, b, group, d_idx, d_mask, i, t, row_base, bc_base, state_base = _tile(
-      L, dim, nchunks, groups, N, BLOCK_D, CHUNK)
+      L, dim, nchunks, groups, N, BLOCK_D, CHUNK, ALIGNED)
   t_mask = t < L
   mask = d_mask[:, None] & t_mask[None, :]
   offs = row_base[:, None] + t[None, :]
@@ -332,6 +338,11 @@ def _flags(D, z, delta_bias, delta_softplus):
               SOFTPLUS=bool(delta_softplus))
 
 
+def aligned(length):
+  """The ALIGNED constexpr: whether rows of length L start on 16-element boundaries."""
+  return length % 16 == 0
+
+
 def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
             block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK):
   """Torch launch: returns (y in u's dtype, last state (b, dim, N) fp32, H (b, chunks, dim, N))."""
@@ -354,13 +365,15 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=F
   y = torch.empty_like(u)
   grid = (nc, ndb, batch)
   _fwd_chunk_summary[grid](u, delta, A, B, bias_, length, dim, nc, groups, P, S,
-                           N=nstate, BLOCK_D=bd, CHUNK=t, HAS_BIAS=flags["HAS_BIAS"],
+                           N=nstate, BLOCK_D=bd, CHUNK=t,
+                           ALIGNED=aligned(length), HAS_BIAS=flags["HAS_BIAS"],
                            SOFTPLUS=flags["SOFTPLUS"], num_warps=NUM_WARPS)
   width = dim * nstate
   _chain_chunks[(triton.cdiv(width, CHAIN_BLOCK), batch)](
       P, S, torch.zeros(batch, width, **f32), nc, width, H, last, BLOCK=CHAIN_BLOCK, REVERSE=False)
   _fwd_output[grid](u, delta, A, B, C, D_, z_, bias_, H, length, dim, nc, groups, y,
-                    N=nstate, BLOCK_D=bd, CHUNK=t, num_warps=NUM_WARPS, **flags)
+                    N=nstate, BLOCK_D=bd, CHUNK=t,
+                    ALIGNED=aligned(length), num_warps=NUM_WARPS, **flags)
   return y, last, H
 
 
@@ -385,7 +398,8 @@ def backward_parts(dout, dlast, H, u, delta, A, B, C, D=None, z=None, delta_bias
   Q = torch.empty(batch, nc, dim, nstate, **f32)
   Gloc, Gin = torch.empty_like(Q), torch.empty_like(Q)
   _bwd_chunk_summary[grid](delta, A, C, z_, bias_, dout, length, dim, nc, groups, Q, Gloc,
-                           N=nstate, BLOCK_D=bd, CHUNK=t, HAS_Z=flags["HAS_Z"],
+                           N=nstate, BLOCK_D=bd, CHUNK=t,
+                           ALIGNED=aligned(length), HAS_Z=flags["HAS_Z"],
                            HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=flags["SOFTPLUS"],
                            num_warps=NUM_WARPS)
   width = dim * nstate
@@ -403,7 +417,8 @@ def backward_parts(dout, dlast, H, u, delta, A, B, C, D=None, z=None, delta_bias
   dbias_part = torch.empty(batch, nc, dim, **f32)
   _bwd_grads[grid](u, delta, A, B, C, D_, z_, bias_, dout, H, Gin, length, dim, nc, groups,
                    du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part,
-                   N=nstate, BLOCK_D=bd, CHUNK=t, num_warps=NUM_WARPS, **flags)
+                   N=nstate, BLOCK_D=bd, CHUNK=t,
+                   ALIGNED=aligned(length), num_warps=NUM_WARPS, **flags)
   return (du, ddelta, dz if z is not None else None, dB, dC, dA_part,
           dD_part if D is not None else None, dbias_part if delta_bias is not None else None)
 

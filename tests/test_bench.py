@@ -1,4 +1,5 @@
-"""kernels.bench on the CPU: tiny shapes, every column filled, the table written, bad input refused."""
+"""kernels.bench on the CPU: tiny shapes, every column filled, the table written, bad input
+refused."""
 import argparse
 
 import jax.numpy as jnp
@@ -7,11 +8,12 @@ import pytest
 from kernels import bench
 
 
+@pytest.mark.slow
 def test_bench_cpu_writes_a_full_table(tmp_path, capsys):
   out = tmp_path / "table.md"
   rc = bench.main(["--mode", "cpu", "--impls", "chunked,associative,reference", "--chunks",
                    "4,16", "--shapes", "2,3,20,4", "1x2x7x2", "--repeats", "1", "--out",
-                   str(out)])
+                   str(out)])  # ~40 s on 2 shared cores: 8 rows, each compiling fwd and fwd+bwd
   assert rc == 0
   text = out.read_text()
   rows = [line for line in text.splitlines() if line.startswith("| ") and "impl" not in line]

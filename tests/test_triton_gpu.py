@@ -20,10 +20,12 @@ SEED = int.from_bytes(os.urandom(4), "little")
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
 
-FIXED_SHAPES = [(2, 32, 4096, 16, 0), (16, 24, 1024, 16, 0), (1, 5, 1, 16, 0), (2, 48, 64, 16, 2)]
+# Few shapes: each new dtype or size-1 argument compiles the six kernels again (~20 s on the GPU
+# host), and kernels/gpu_check.sh gives the tests ~3 minutes.
+FIXED_SHAPES = [(2, 32, 4096, 16, 0), (1, 5, 1, 16, 0), (2, 48, 200, 16, 2)]
 
 
-def _fresh_shapes(count=3):
+def _fresh_shapes(count=2):
   """Drawn at run time (not at collection: pytest-xdist workers must collect the same tests)."""
   rng = np.random.default_rng(SEED)
   return [(int(rng.integers(1, 5)), int(rng.integers(1, 80)), int(rng.integers(1, 3000)),

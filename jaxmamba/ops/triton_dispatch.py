@@ -62,7 +62,8 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
   for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                   ("delta_bias", delta_bias)):
     if t is not None and jnp.result_type(t) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-      return f"{name} has dtype {jnp.result_type(t)}; the Triton scan takes float32/bfloat16/float16"
+      return (f"{name} has dtype {jnp.result_type(t)}; the Triton scan takes float32, bfloat16 "
+              "or float16")
   if nstate > MAX_STATE:
     return f"N={nstate} > {MAX_STATE} states"
   if batch > MAX_GRID_YZ:
@@ -229,6 +230,7 @@ def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   P, S = jt.triton_call(
       u, delta, A, B, bias_, length, dim, nc, groups, kernel=K._fwd_chunk_summary,
       out_shape=[states, states], grid=grid, N=nstate, BLOCK_D=bd, CHUNK=t,
+      ALIGNED=K.aligned(length),
       HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, **common)
   width = dim * nstate
   H, last = jt.triton_call(
@@ -238,7 +240,7 @@ def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   y = jt.triton_call(
       u, delta, A, B, C, D_, z_, bias_, H, length, dim, nc, groups, kernel=K._fwd_output,
       out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), grid=grid, N=nstate, BLOCK_D=bd,
-      CHUNK=t, **flags, **common)
+      CHUNK=t, ALIGNED=K.aligned(length), **flags, **common)
   return y, last, H
 
 
@@ -255,6 +257,7 @@ def _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus
   Q, Gloc = jt.triton_call(
       delta, A, C, z_, bias_, dy, length, dim, nc, groups, kernel=K._bwd_chunk_summary,
       out_shape=[states, states], grid=grid, N=nstate, BLOCK_D=bd, CHUNK=t,
+      ALIGNED=K.aligned(length),
       HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, **common)
   width = dim * nstate
   Gin, _ = jt.triton_call(
@@ -272,7 +275,7 @@ def _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus
   du, ddelta, dz, dB, dC, dA, dD, dbias = jt.triton_call(
       u, delta, A, B, C, D_, z_, bias_, dy, H, Gin, length, dim, nc, groups,
       kernel=K._bwd_grads, out_shape=out_shape, grid=grid, zeroed_outputs=(3, 4),
-      N=nstate, BLOCK_D=bd, CHUNK=t, **flags, **common)
+      N=nstate, BLOCK_D=bd, CHUNK=t, ALIGNED=K.aligned(length), **flags, **common)
   return (du, ddelta, dz if z is not None else None, dB, dC, dA,
           dD if D is not None else None, dbias if delta_bias is not None else None)
 

@@ -1,0 +1,61 @@
+"""experiments.table on hand-made run folders (results.json + figure_slices.npz)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _split(dice_paper, iou_paper, dice_slice):
+  return {"loss": 0.1,
+          "paper": {"dice": dice_paper, "dice_nanmean": dice_paper, "iou": iou_paper},
+          "slice": {"dice": dice_slice, "iou": dice_slice - 0.1},
+          "patient": {"dice": dice_slice + 0.01}}
+
+
+def _fake_run(path, model, params, dice, select="final"):
+  os.makedirs(path)
+  results = {"model": model, "num_params": params, "train_time_s": 3725.0, "images_per_s": 12.5,
+             "selected": select,
+             "final": {"step": 10, "val": _split(0.5, 0.4, 0.6), "test": _split(dice, 0.7, 0.8)},
+             "best": {"step": 5, "val": _split(0.6, 0.5, 0.7), "test": _split(0.11, 0.12, 0.13)}}
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(results, f)
+  names = np.asarray(["P_1", "P_2"])
+  images = np.zeros((2, 16, 16, 3), np.uint8)
+  masks = np.zeros((2, 16, 16), np.uint8)
+  masks[:, 4:8, 4:8] = 1
+  np.savez(os.path.join(path, "figure_slices.npz"), names=names, images=images, masks=masks,
+           preds=masks.astype(bool))
+
+
+def test_table_rows_figures_and_selected_checkpoint(tmp_path):
+  from experiments import table
+  _fake_run(tmp_path / "a", "unet", 7_765_985, 0.8929)
+  _fake_run(tmp_path / "b", "ulvmunet", 49_457, 0.7955, select="best")
+  out = tmp_path / "out"
+  rows = table.make_table([str(tmp_path / "a"), str(tmp_path / "b")], str(out))
+  assert [r["model"] for r in rows] == ["unet", "ulvmunet"]
+  assert rows[0]["dice_paper"] == pytest.approx(0.8929)
+  assert rows[1]["dice_paper"] == pytest.approx(0.11)       # the best checkpoint was selected
+  md = (out / "table.md").read_text()
+  assert "| unet | 7,765,985 | 0.8929 | 0.7000 |" in md and "1h02m05s" in md
+  with open(out / "table.csv") as f:
+    assert [r["model"] for r in csv.DictReader(f)] == ["unet", "ulvmunet"]
+  for png in ("figure2.png", "figure3.png"):
+    assert (out / png).stat().st_size > 1000
+
+
+def test_table_cli_rejects_unfinished_run(tmp_path):
+  os.makedirs(tmp_path / "empty")
+  proc = subprocess.run([sys.executable, "-m", "experiments.table", str(tmp_path / "empty"),
+                         f"--out={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0 and "no results.json" in proc.stderr
