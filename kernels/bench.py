@@ -12,8 +12,8 @@ For every implementation and shape (batch, dim, L, N) it measures, float32 by de
                counts the chunk states and partial sums the kernels use)
 
 Inputs rotate among up to 8 buffer sets (aiming at 256 MiB in all on the GPU, more than its L2)
-so small shapes are not timed out of L2.  Implementations: triton (GPU), chunked (once per --chunks size), associative,
-reference (small shapes only).
+so small shapes are not timed out of L2.  Implementations: triton (GPU), chunked (once per
+--chunks size), associative, reference (small shapes only).
 Rows run implementation by implementation; --budget-s stops starting new ones after a time.
 Prints a Markdown table; --out FILE also writes it.
 """

@@ -67,7 +67,7 @@ KERNEL_SCRIPT = """
 
   case(2, 6, 37, 4)                                  # prime L, 3 chunks, dim % block != 0
   case(1, 5, 1, 3, D=False, z=False, bias=False, softplus=False, dlast=False)   # L = 1
-  case(2, 8, 21, 3, groups=2, block_d=8, z=False, softplus=False)   # grouped: blocks of 4
+  case(2, 8, 32, 3, groups=2, block_d=8, z=False, softplus=False)   # grouped, blocks of 4; L%16=0
   print("ALL OK")
 """
 

@@ -21,7 +21,8 @@ def make_eval_step(model, loss_fn, threshold: str, has_bn: bool):
     w = valid.astype(jnp.float32)
     paper = metrics.pixel_counts(logits, y, threshold)
     proper = metrics.pixel_counts(logits, y, "sigmoid")
-    return {"paper": paper, "proper": proper, "loss": loss_fn(logits, y, weights=w)}
+    return {"paper": paper, "proper": proper, "loss": loss_fn(logits, y, weights=w),
+            "pred": metrics.binarize(logits, threshold)[..., 0]}
   return step
 
 
@@ -31,13 +32,16 @@ def _global(array: np.ndarray, sharding):
 
 
 def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
-             num_devices: int) -> dict:
+             num_devices: int, keep=None) -> dict:
   """Runs the model over `slice_set` in order, `batch_size` slices per batch.
 
   Batches are padded to a multiple of the device count (and the last one to full size) with
   weight-0 images so that one compiled shape serves every batch; padding is dropped from counts.
-  Returns {"loss", "paper": {...}, "slice": {...}, "patient": {...}}.
+  Returns {"loss", "paper": {...}, "slice": {...}, "patient": {...}}, plus "predictions"
+  (bool (k, H, W), the paper's binarisation) for the slice indices in `keep` when given.
   """
+  keep = None if keep is None else np.asarray(keep, np.int64)
+  kept = {}
   n = len(slice_set)
   padded = int(math.ceil(batch_size / num_devices) * num_devices)
   paper, proper = metrics.CountAccumulator(), metrics.CountAccumulator()
@@ -52,6 +56,9 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
     valid = np.arange(padded) < k
     out = eval_step(variables, _global(images, batch_sharding), _global(masks, batch_sharding),
                     _global(valid, batch_sharding))
+    if keep is not None:
+      for i in keep[(keep >= start) & (keep < stop)]:
+        kept[int(i)] = np.asarray(jax.device_get(out["pred"][i - start]))
     paper.add(out["paper"], k)
     proper.add(out["proper"], k)
     batch_losses.append(float(out["loss"]))
@@ -60,6 +67,9 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
   counts = proper.arrays()
   result["slice"] = metrics.slice_metrics(*counts)
   result["patient"] = metrics.patient_metrics(*counts, patients=slice_set.patients)
+  if keep is not None:
+    result["predictions"] = np.stack([kept[int(i)] for i in keep]) if len(keep) else \
+        np.zeros((0,) + slice_set.masks.shape[1:], bool)
   return result
 
 
@@ -77,14 +87,6 @@ def figure_indices(slice_set, count: int) -> np.ndarray:
     positive = [positive[i] for i in picks]
   chosen = positive + [i for i in order if area[i] == 0]
   return np.asarray(chosen[:count], np.int64)
-
-
-def predict_masks(model, variables, images: np.ndarray, threshold: str, has_bn: bool) -> np.ndarray:
-  """Binary predictions (n, H, W) for a few images (uint8 NHWC), on the default device."""
-  v = variables if has_bn else {"params": variables["params"]}
-  x = jnp.asarray(images, jnp.float32) / 255.0
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-  return np.asarray(metrics.binarize(jnp.asarray(logits, jnp.float32), threshold))[..., 0]
 
 
 def overlay_rgb(image_bgr: np.ndarray) -> np.ndarray:
