@@ -10,17 +10,19 @@ to a config file, optionally followed by `:runlocal`; `--config.FIELD=VALUE` ove
 (see experiments/configs/base.py).  The workdir defaults to `./runs/<config name>`; rerunning the
 same command resumes from its latest checkpoint.  Ctrl-C saves a checkpoint before exiting.
 
-Several hosts (`--multihost`): start the same command on every host, with the coordinator's
-address, the number of processes and each one's index in the environment, e.g. on 2 hosts
+Several hosts (`--multihost`): start the same command on every host, naming the coordinator
+(process 0's host and a free port), the number of processes and each one's index, e.g. on 2 hosts
 
-  host0$ JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\
-           python -m experiments.run --config=unet --config.data.dir=/data/kaggle_3m \\
-           --workdir=/shared/runs/unet --multihost
-  host1$ (the same with JAX_PROCESS_ID=1)
+  host0$ python -m experiments.run --config=unet --config.data.dir=/data/kaggle_3m \\
+           --workdir=/shared/runs/unet --multihost --coordinator_address=host0:1234 \\
+           --num_processes=2 --process_id=0
+  host1$ (the same with --process_id=1)
 
-(on SLURM or Cloud TPU `jax.distributed.initialize()` finds these itself).  The workdir must be
-on a file system every host can reach (Orbax writes checkpoints collectively); every host reads the
-data folder; only process 0 writes logs, figures and results.
+Without these three flags `jax.distributed.initialize()` detects them itself on SLURM, Open MPI
+and Cloud TPU.  The global batch (config.batch_size) is split over every device of every host;
+each host loads the data folder and feeds only its own rows.  The workdir must be on a file system
+every host reaches (Orbax writes checkpoints collectively); only process 0 writes logs, figures
+and results.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder (default ./runs/<config name>)")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (several hosts)")
+flags.DEFINE_string("coordinator_address", None, "--multihost: HOST:PORT of process 0")
+flags.DEFINE_integer("num_processes", None, "--multihost: number of processes")
+flags.DEFINE_integer("process_id", None, "--multihost: index of this process")
 
 
 def main(argv, name):
@@ -48,7 +53,8 @@ def main(argv, name):
     absl_logging.set_verbosity(absl_logging.WARNING)
   if FLAGS.multihost:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from jaxmamba.train import train_and_evaluate
   workdir = FLAGS.workdir or os.path.join("runs", name)
   train_and_evaluate(_CONFIG.value, workdir)
