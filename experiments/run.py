@@ -1,6 +1,6 @@
 """Train and evaluate one model of Table I.
 
-  python -m experiments.run --config=umambabot_pp                  # synthetic data, minutes on a CPU
+  python -m experiments.run --config=umambabot_pp               # synthetic data, minutes on a CPU
   python -m experiments.run --config=umambabot_pp --config.data.dir=PATH/kaggle_3m   # full recipe
   python -m experiments.run --config=umambabot_pp:runlocal         # tiny smoke run
   python -m experiments.run --config=unet --config.recipe=improved --workdir=runs/unet_improved

@@ -201,7 +201,7 @@ def test_chunked_memory_stays_linear_in_length():
     (dict(u=np.zeros((2, 3))), "u must be"),
     (dict(delta=np.zeros((2, 3, 5), np.float32)), "delta must have"),
     (dict(A=np.zeros((4, 2), np.float32)), "A must be"),
-    (dict(B=np.zeros((2, 2, 9), np.float32)), "same shape"),
+    (dict(B=np.zeros((2, 2, 8), np.float32)), "same shape"),
     (dict(B=np.zeros((3, 2), np.float32), C=np.zeros((3, 2), np.float32)), "time-invariant"),
     (dict(B=np.zeros((2, 2, 2, 9), np.float32), C=np.zeros((2, 2, 2, 9), np.float32)),
      "not divisible"),

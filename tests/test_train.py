@@ -144,7 +144,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
                       lambda name, smooth=None: lambda lg, m, weights=None: jnp.sum(lg) * jnp.nan)
   with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*step 2"):
     train_and_evaluate(tiny_config(max_steps=4), str(tmp_path))
-  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "[0-9]*")))
+  steps = sorted(int(os.path.basename(p))
+                 for p in glob.glob(str(tmp_path / "checkpoints" / "[0-9]*")))
   assert steps == [2]
 
 
@@ -272,6 +273,14 @@ def test_eight_fake_devices_match_one_device(reference_run, tmp_path):
   ra = json.loads((ref_dir / "results.json").read_text())["final"]["test"]["slice"]["dice"]
   rb = json.loads((tmp_path / "results.json").read_text())["final"]["test"]["slice"]["dice"]
   assert abs(ra - rb) < 1e-3
+
+
+def test_multihost_flag_single_process(tmp_path):
+  """--multihost with an explicit one-process coordinator (all one machine can test)."""
+  proc = _run(tmp_path, "--multihost", "--coordinator_address=localhost:34587",
+              "--num_processes=1", "--process_id=0", "--config.max_steps=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "results.json").exists()
 
 
 def test_cli_unknown_config_lists_known(tmp_path):

@@ -1,4 +1,4 @@
-"""The real entry point on a real model: `python -m experiments.run --config=umambabot_pp:runlocal`."""
+"""The real entry point on a real model: `experiments.run --config=umambabot_pp:runlocal`."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
-"""UltraLight VM-UNet v1: the authors' recipe (spec models-ultralight.md §6: batch 2, BCE + per-image
-Dice, AdamW 3e-4 wd 0.01 on every parameter; tested with batch 16, sigmoid >= 0.5).
+"""UltraLight VM-UNet v1: the authors' recipe (spec models-ultralight.md §6: batch 2, BCE +
+per-image Dice, AdamW 3e-4 wd 0.01 on every parameter; tested with batch 16, sigmoid >= 0.5).
 
   python -m experiments.run --config=ulvmunet_v1 [--config.data.dir=PATH/kaggle_3m]
 """

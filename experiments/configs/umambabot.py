@@ -1,5 +1,5 @@
-"""UMambaBot: the authors' recipe (spec §5, §9.2: batch 32, pooled Dice, Adam 3e-4; tested with batch
-16, logits >= 0.5).
+"""UMambaBot: the authors' recipe (spec §5, §9.2: batch 32, pooled Dice, Adam 3e-4; tested with
+batch 16, logits >= 0.5).
 
   python -m experiments.run --config=umambabot [--config.data.dir=PATH/kaggle_3m]
 """

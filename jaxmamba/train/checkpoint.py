@@ -105,7 +105,8 @@ class Checkpointer:
     return self._restore_newest(self.best, like, "best")
 
 
-def load_checkpoint(workdir: str, which: str = "latest", step: int | None = None) -> tuple[dict, int]:
+def load_checkpoint(workdir: str, which: str = "latest",
+                    step: int | None = None) -> tuple[dict, int]:
   """(item, step) of a run's checkpoint on the default device, whatever topology saved it.
 
   `which` is "latest" (WORKDIR/checkpoints) or "best" (WORKDIR/checkpoints/best); `step` picks

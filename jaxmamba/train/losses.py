@@ -104,7 +104,8 @@ def bce_dice_loss(logits, masks, smooth: float = 1.0, weights=None):
 
 def dice_bce_per_image(logits, masks, smooth: float = 1.0, weights=None):
   """The improved recipe's loss: BCE with logits + per-image soft Dice (smooth 1)."""
-  return bce_with_logits(logits, masks, weights) + dice_loss_per_image(logits, masks, smooth, weights)
+  return (bce_with_logits(logits, masks, weights)
+          + dice_loss_per_image(logits, masks, smooth, weights))
 
 
 def get_loss(name: str, smooth: float | None = None):

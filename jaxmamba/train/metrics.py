@@ -68,7 +68,8 @@ def paper_metrics(inter, pred, true, batch_size: int) -> dict:
   nan_batches = int(np.isnan(dice_b).sum())
   return {
       "dice": float(np.mean(dice_b)) if n else float("nan"),   # NaN if any batch is all-empty
-      "dice_nanmean": float(np.nanmean(dice_b)) if n and nan_batches < len(dice_b) else float("nan"),
+      "dice_nanmean": (float(np.nanmean(dice_b)) if n and nan_batches < len(dice_b)
+                       else float("nan")),
       "iou": float(np.mean(iou_b)) if n else float("nan"),
       "num_batches": int(len(starts)),
       "nan_batches": nan_batches,

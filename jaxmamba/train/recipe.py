@@ -45,7 +45,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if not config.data.dir and run is not None and run.get("enabled", True):
     _merge(config, run)
   with config.unlocked():
-    config.synthetic_quick = bool(not config.data.dir and run is not None and run.get("enabled", True))
+    config.synthetic_quick = bool(not config.data.dir and run is not None
+                                  and run.get("enabled", True))
   validate_config(config)
   return config
 

@@ -211,7 +211,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _write_json(os.path.join(workdir, "model.json"), {
       "model": config.model, "family": e.family, "num_params": s.num_params,
       "paper_params": e.paper_params, "has_batch_stats": s.has_bn,
-      "model_kwargs": {k: str(v) if k == "dtype" else v for k, v in recipe.model_kwargs(config).items()},
+      "model_kwargs": {k: str(v) if k == "dtype" else v
+                       for k, v in recipe.model_kwargs(config).items()},
       "threshold": config.threshold, "image_size": s.image_size, "train_image_size": s.train_size,
       "config": config.to_dict()})
   say(f"{config.model}: {s.num_params:,} parameters on {s.num_devices} device(s) "
