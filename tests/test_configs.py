@@ -61,7 +61,7 @@ def test_synthetic_run_and_runlocal_shrink_but_keep_the_model(name):
   r = recipe.resolve_config(_load(name))
   assert r.synthetic_quick and r.model == name
   assert r.batch_size < EXPECTED[name][0] or r.batch_size <= 4
-  assert 0 < r.max_steps <= 60 and r.data.synthetic.image_size <= 128
+  assert 0 < r.max_steps <= 100 and r.data.synthetic.image_size <= 128  # fits 10 min on 2 cores
   local = recipe.resolve_config(_load(name, "runlocal"))
   assert local.model == name and local.max_steps <= 4 and local.data.synthetic.image_size == 64
   if name == "segformer":
