@@ -9,12 +9,12 @@ Prints a Markdown table (ms per forward; compile time in parentheses).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxmamba import timing
 from jaxmamba.models import registry
 
 UL_MODELS = [n for n in registry.names() if registry.entry(n).family == "ultralight"]
@@ -33,13 +33,7 @@ def bench(name: str, impls, size: int, batch: int, repeats: int) -> dict[str, tu
     t0 = time.perf_counter()
     compiled = fwd.lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(variables, x))  # warm-up
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(variables, x))
-      times.append((time.perf_counter() - t0) * 1e3)
-    out[impl] = (statistics.median(times), compile_s)
+    out[impl] = (timing.median_ms(compiled, variables, x, repeats=repeats), compile_s)
   return out
 
 

@@ -1,6 +1,12 @@
 """Converts the authors' PyTorch weights into a jaxmamba checkpoint.
 
   python -m jaxmamba.convert --model NAME --torch-checkpoint FILE.pth --workdir DIR [--overwrite]
+  python -m jaxmamba.convert --model resnet18_seg --torchvision-encoder resnet18.pth --workdir DIR
+
+The second form starts a ResNet-seg model the way the authors did: the encoder from torchvision's
+ImageNet weights (a local `resnet18-f37072fd.pth` / `resnet50-0676ba61.pth`, i.e. IMAGENET1K_V1,
+with torchvision's own keys; nothing is downloaded), the decoder freshly initialised (seed
+`--seed`).  Train from it with `--config.init_from=DIR`.
 
 FILE.pth holds a state_dict with the authors' key names (as saved by `torch.save(model.state_dict())`),
 optionally with DataParallel's `module.` prefix, or a dict wrapping it under "state_dict" or "model".
@@ -86,16 +92,43 @@ def convert(model_name: str, torch_checkpoint: str, workdir: str, overwrite: boo
       extra={"source": os.path.abspath(torch_checkpoint)})
 
 
+def convert_torchvision_encoder(model_name: str, torchvision_checkpoint: str, workdir: str,
+                                overwrite: bool = False, seed: int = 0) -> str:
+  """A ResNet-seg checkpoint: random init, then the encoder from a torchvision state_dict."""
+  entry = registry.entry(model_name)
+  if entry.module != "jaxmamba.models.resnet_seg":
+    raise ValueError(f"--torchvision-encoder is for the ResNet-seg models, not {model_name!r}")
+  from jaxmamba.models import resnet_seg  # noqa: PLC0415
+  sd = load_torch_file(torchvision_checkpoint)
+  model = registry.build(model_name)
+  x = jnp.zeros((1, _PROBE_SIZE, _PROBE_SIZE, 3), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed))
+  variables = resnet_seg.load_torchvision_encoder(
+      jax.tree.map(np.asarray, dict(variables)), sd, entry.fixed_kwargs["depth"])
+  return checkpoint_io.save_variables(
+      workdir, model_name, variables, overwrite=overwrite,
+      extra={"source": os.path.abspath(torchvision_checkpoint), "encoder_only": True,
+             "decoder_seed": seed})
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxmamba.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, help="registry name, e.g. umambabot_pp")
-  parser.add_argument("--torch-checkpoint", required=True, help="the authors' .pth state_dict")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--torch-checkpoint", help="the authors' .pth state_dict")
+  source.add_argument("--torchvision-encoder",
+                      help="a torchvision resnet18/50 .pth: encoder only (ResNet-seg models)")
   parser.add_argument("--workdir", required=True, help="output directory")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+  parser.add_argument("--seed", type=int, default=0, help="decoder init with --torchvision-encoder")
   args = parser.parse_args(argv)
   try:
-    out = convert(args.model, args.torch_checkpoint, args.workdir, args.overwrite)
+    if args.torchvision_encoder:
+      out = convert_torchvision_encoder(args.model, args.torchvision_encoder, args.workdir,
+                                        args.overwrite, args.seed)
+    else:
+      out = convert(args.model, args.torch_checkpoint, args.workdir, args.overwrite)
   except (ValueError, KeyError, OSError, RuntimeError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"convert: error: {msg}", file=sys.stderr)

@@ -113,6 +113,10 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   c.best_metric = "val_loss"
   c.select = "final"                # the paper tested the final (epoch-100) weights
 
+  # Start from converted or trained weights (`python -m jaxmamba.convert ...` output or a run's
+  # workdir) instead of a random init, e.g. the authors' ImageNet ResNet encoders.
+  c.init_from = ""
+
   c.checkpoint_every_steps = 0
   c.keep_checkpoints = 3
   c.progress = True

@@ -13,9 +13,9 @@ def get_config(arg=None):
   c = base.base_config(
       'segformer', batch_size=16, eval_batch_size=16, loss='bce', optimizer='adamw',
       learning_rate=0.0001, weight_decay=5e-05, threshold='sigmoid', train_image_size=224)
-  # Synthetic images are 96 px: train below the test size as at 224/256, on a multiple of 32
+  # Synthetic images are 128 px: train below the test size as at 224/256, on a multiple of 32
   # (the decoder's x8 upsampling of the 1/32 stage must land on the 1/4 grid).
-  c.synthetic_run.train_image_size = 96   # below the synthetic 128, as 224 is below 256
+  c.synthetic_run.train_image_size = 96
   if arg == "runlocal":
     base.runlocal(c)
   elif arg:

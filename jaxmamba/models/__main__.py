@@ -11,14 +11,13 @@ including the device sync.  Models whose code is not there yet show "not availab
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba import timing
 from jaxmamba.models import registry
 
 IMAGE_SHAPE = (256, 256, 3)
@@ -52,13 +51,7 @@ def measure(name: str, batch: int = 1, time_it: bool = True, repeats: int = 10) 
     variables = jax.jit(lambda k, x: model.init(k, x, train=False))(
         jax.random.PRNGKey(0), jnp.zeros(x_spec.shape))
     x = jax.random.uniform(jax.random.PRNGKey(1), x_spec.shape)
-    jax.block_until_ready(compiled(variables, x))  # warm-up
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(variables, x))
-      times.append((time.perf_counter() - t0) * 1e3)
-    row["ms"] = statistics.median(times)
+    row["ms"] = timing.median_ms(compiled, variables, x, repeats=repeats)
   return row
 
 

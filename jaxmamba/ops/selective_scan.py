@@ -18,8 +18,6 @@ Implementations (`impl=`):
 """
 from __future__ import annotations
 
-import functools
-import math
 
 import jax
 import jax.numpy as jnp

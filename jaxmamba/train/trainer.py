@@ -25,8 +25,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmamba import data
+from jaxmamba import checkpoint_io, data
 from jaxmamba.models import registry
+from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
 from jaxmamba.train import evaluate as ev
 from jaxmamba.train import losses, recipe
@@ -93,6 +94,8 @@ class _Setup:
                if self.devices[0].platform == "cpu" else None)
     self.state = init.compile(compiler_options=options)(init_rng)
     self.has_bn = "batch_stats" in self.state
+    if config.get("init_from"):
+      self.state = self._start_from(config.init_from)
     self.num_params = count_params(self.state["params"])
 
     self.train_step = jax.jit(self._train_step, in_shardings=(self.replicated, self.batch_sharding),
@@ -110,6 +113,20 @@ class _Setup:
              "step": jnp.zeros((), jnp.int32)}
     if "batch_stats" in variables:
       state["batch_stats"] = variables["batch_stats"]
+    return state
+
+  def _start_from(self, path):
+    """The initial state with params (and BatchNorm statistics) read from `path`."""
+    _, variables = checkpoint_io.load_variables(path, expected_model=self.config.model)
+    for col in ("params", "batch_stats") if self.has_bn else ("params",):
+      if col in variables:
+        torch_compat.check_variables_match(self.state[col], variables[col], f"{col} in {path}")
+    params = jax.device_put(variables["params"], self.replicated)
+    state = dict(self.state, params=params,
+                 opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params))
+    if self.has_bn and "batch_stats" in variables:
+      state["batch_stats"] = jax.device_put(variables["batch_stats"], self.replicated)
+    say(f"initial weights from {path}")
     return state
 
   def _train_step(self, state, batch):
