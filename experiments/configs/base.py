@@ -144,6 +144,15 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   return c
 
 
+def with_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument (`--config=NAME:runlocal`); anything else is an error."""
+  if arg == "runlocal":
+    return runlocal(c)
+  if arg:
+    raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
+  return c
+
+
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config for a quick smoke run (tiny synthetic set, 64x64, a few steps)."""
   c.data.dir = ""

@@ -16,8 +16,4 @@ def get_config(arg=None):
   # Synthetic images are 128 px: train below the test size as at 224/256, on a multiple of 32
   # (the decoder's x8 upsampling of the 1/32 stage must land on the 1/4 grid).
   c.synthetic_run.train_image_size = 96
-  if arg == "runlocal":
-    base.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
-  return c
+  return base.with_arg(c, arg)

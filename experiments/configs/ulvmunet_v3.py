@@ -10,8 +10,4 @@ def get_config(arg=None):
   c = base.base_config(
       'ulvmunet_v3', batch_size=2, eval_batch_size=16, loss='bce_dice', optimizer='adamw',
       learning_rate=0.0003, weight_decay=0.01, threshold='sigmoid')
-  if arg == "runlocal":
-    base.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
-  return c
+  return base.with_arg(c, arg)

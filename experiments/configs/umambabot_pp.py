@@ -10,8 +10,4 @@ def get_config(arg=None):
   c = base.base_config(
       'umambabot_pp', batch_size=64, eval_batch_size=16, loss='dice_pooled', optimizer='adam',
       learning_rate=0.0003, weight_decay=0.0, threshold='logit')
-  if arg == "runlocal":
-    base.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; known: runlocal")
-  return c
+  return base.with_arg(c, arg)
