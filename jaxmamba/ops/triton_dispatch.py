@@ -217,14 +217,20 @@ def _f32(shape):
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+def _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg):
+  """What both passes' launches share: kernels, shapes, optional inputs (a dummy where absent, the
+  kernel's HAS_* flag says so) and launch options."""
+  K = _kernels()
+  dummy = jnp.zeros((1,), jnp.float32)
+  optional = tuple(dummy if x is None else x for x in (D, z, delta_bias))
+  common = dict(num_warps=K.NUM_WARPS, compute_capability=_COMPUTE_CAPABILITY)
+  return K, _shapes(u, A, B, cfg), optional, _flags(D, z, delta_bias, softplus), common
+
+
 def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   import jax_triton as jt  # noqa: PLC0415
-  K = _kernels()
-  batch, dim, length, groups, nstate, bd, t, nc, ndb = _shapes(u, A, B, cfg)
-  dummy = jnp.zeros((1,), jnp.float32)
-  D_, z_, bias_ = (dummy if x is None else x for x in (D, z, delta_bias))
-  flags = _flags(D, z, delta_bias, softplus)
-  common = dict(num_warps=K.NUM_WARPS, compute_capability=_COMPUTE_CAPABILITY)
+  K, (batch, dim, length, groups, nstate, bd, t, nc, ndb), (D_, z_, bias_), flags, common = \
+      _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg)
   grid = (nc, ndb, batch)
   states = _f32((batch, nc, dim, nstate))
   P, S = jt.triton_call(
@@ -246,12 +252,8 @@ def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
 
 def _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   import jax_triton as jt  # noqa: PLC0415
-  K = _kernels()
-  batch, dim, length, groups, nstate, bd, t, nc, ndb = _shapes(u, A, B, cfg)
-  dummy = jnp.zeros((1,), jnp.float32)
-  D_, z_, bias_ = (dummy if x is None else x for x in (D, z, delta_bias))
-  flags = _flags(D, z, delta_bias, softplus)
-  common = dict(num_warps=K.NUM_WARPS, compute_capability=_COMPUTE_CAPABILITY)
+  K, (batch, dim, length, groups, nstate, bd, t, nc, ndb), (D_, z_, bias_), flags, common = \
+      _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg)
   grid = (nc, ndb, batch)
   states = _f32((batch, nc, dim, nstate))
   Q, Gloc = jt.triton_call(
