@@ -150,14 +150,17 @@ def figure3(run_dirs: list[str], names: list[str], path: str) -> bool:
   return True
 
 
-def make_table(run_dirs: list[str], out: str) -> list[dict]:
+def make_table(run_dirs: list[str], out: str) -> tuple[list[dict], list[str]]:
+  """Writes the tables and figures; returns the rows and the names of the files written."""
   os.makedirs(out, exist_ok=True)
   results = [load_run(d) for d in run_dirs]
   rows = [row(r) for r in results]
   write_tables(rows, out)
   figure2(rows, os.path.join(out, "figure2.png"))
-  figure3(run_dirs, [r["model"] for r in rows], os.path.join(out, "figure3.png"))
-  return rows
+  written = ["table.md", "table.csv", "figure2.png"]
+  if figure3(run_dirs, [r["model"] for r in rows], os.path.join(out, "figure3.png")):
+    written.append("figure3.png")
+  return rows, written
 
 
 def main(argv):
@@ -165,12 +168,14 @@ def main(argv):
   if not run_dirs:
     sys.exit("usage: python -m experiments.table RUN_DIR [RUN_DIR ...] [--out=DIR]")
   try:
-    make_table(run_dirs, FLAGS.out)
+    _, written = make_table(run_dirs, FLAGS.out)
   except ValueError as e:
     sys.exit(f"error: {e}")
   with open(os.path.join(FLAGS.out, "table.md")) as f:
     print(f.read())
-  print(f"wrote {FLAGS.out}/table.md, table.csv, figure2.png, figure3.png")
+  print(f"wrote {FLAGS.out}/{', '.join(written)}")
+  if "figure3.png" not in written:
+    print("figure3.png not drawn: the runs share no test slices (different data or splits)")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_table_rows_figures_and_selected_checkpoint(tmp_path):
   _fake_run(tmp_path / "a", "unet", 7_765_985, 0.8929)
   _fake_run(tmp_path / "b", "ulvmunet", 49_457, 0.7955, select="best")
   out = tmp_path / "out"
-  rows = table.make_table([str(tmp_path / "a"), str(tmp_path / "b")], str(out))
+  rows, written = table.make_table([str(tmp_path / "a"), str(tmp_path / "b")], str(out))
+  assert written == ["table.md", "table.csv", "figure2.png", "figure3.png"]
   assert [r["model"] for r in rows] == ["unet", "ulvmunet"]
   assert rows[0]["dice_paper"] == pytest.approx(0.8929)
   assert rows[1]["dice_paper"] == pytest.approx(0.11)       # the best checkpoint was selected
@@ -51,6 +52,17 @@ def test_table_rows_figures_and_selected_checkpoint(tmp_path):
     assert [r["model"] for r in csv.DictReader(f)] == ["unet", "ulvmunet"]
   for png in ("figure2.png", "figure3.png"):
     assert (out / png).stat().st_size > 1000
+
+
+def test_figure3_is_skipped_and_said_when_runs_share_no_slices(tmp_path):
+  from experiments import table
+  _fake_run(tmp_path / "a", "unet", 7_765_985, 0.8929)
+  _fake_run(tmp_path / "b", "ulvmunet", 49_457, 0.7955)
+  other = dict(np.load(tmp_path / "b" / "figure_slices.npz"))
+  other["names"] = np.array([f"other_{n}" for n in other["names"]])
+  np.savez(tmp_path / "b" / "figure_slices.npz", **other)
+  _, written = table.make_table([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "o"))
+  assert "figure3.png" not in written and not (tmp_path / "o" / "figure3.png").exists()
 
 
 def test_table_cli_rejects_unfinished_run(tmp_path):
