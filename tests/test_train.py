@@ -283,6 +283,38 @@ def test_multihost_flag_single_process(tmp_path):
   assert (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  """Two jax.distributed processes on this machine (1 CPU device each, sharing the workdir as
+  hosts share a file system): the same parameters as the one-process run."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    args, env = _cli(tmp_path, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={pid}")
+    procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = []
+  try:
+    outs = [p.communicate(timeout=420) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "on 2 device(s)" in outs[0][0]
+  ref_dir, _ = reference_run
+  step_a, a = _params_of(str(ref_dir))
+  step_b, b = _params_of(str(tmp_path))
+  assert step_a == step_b
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  assert (tmp_path / "predictions.png").exists()
+
+
 def test_cli_unknown_config_lists_known(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.run", "--config=nosuch",
                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,

@@ -442,11 +442,12 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   results["selected"] = chosen
   _write_json(os.path.join(workdir, "results.json"), results)
 
+  # Every process runs the evaluation (its steps are collectives); process 0 writes the figures.
+  test = s.splits.test
+  idx = ev.figure_indices(test, config.num_figure_slices)
+  preds = ev.evaluate(s.eval_step, s.variables(chosen_state), test, config.eval_batch_size,
+                      s.batch_sharding, s.num_devices, keep=idx)["predictions"]
   if jax.process_index() == 0:
-    test = s.splits.test
-    idx = ev.figure_indices(test, config.num_figure_slices)
-    preds = ev.evaluate(s.eval_step, s.variables(chosen_state), test, config.eval_batch_size,
-                        s.batch_sharding, s.num_devices, keep=idx)["predictions"]
     names = [test.names[i] for i in idx]
     np.savez_compressed(os.path.join(workdir, "figure_slices.npz"), names=np.asarray(names),
                         images=test.images[idx], masks=test.masks[idx], preds=preds)
