@@ -45,8 +45,9 @@ def read_image(path: str) -> np.ndarray:
           raise InputError(f"{path}: PNG mode {im.mode} is not 8-bit gray/RGB/RGBA")
         image = np.asarray(im)
     else:
-      import tifffile  # noqa: PLC0415
-      image = tifffile.imread(path, key=0)
+      # The data pipeline's reader: first page, with its checks for truncated files.
+      from jaxmamba.data.kaggle3m import read_tiff  # noqa: PLC0415
+      image = read_tiff(path)
   except InputError:
     raise
   except Exception as e:  # PIL/tifffile raise many types for damaged files

@@ -74,14 +74,13 @@ class Mamba(nn.Module):
     n = self.d_state
     ul = self.init_scheme == "ultralight"
 
-    def linear(features, fan_in, name, bias=False, kernel_init=None):
-      kernel_init = kernel_init or (torch_compat.trunc_normal_init(0.02) if ul
-                                    else torch_compat.torch_kernel_init())
-      return nn.Dense(features, use_bias=bias, kernel_init=kernel_init,
-                      bias_init=nn.initializers.zeros if ul else torch_compat.torch_bias_init(fan_in),
-                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def linear(features, name):  # mamba_ssm's projections have no bias
+      kernel_init = (torch_compat.trunc_normal_init(0.02) if ul
+                     else torch_compat.torch_kernel_init())
+      return nn.Dense(features, use_bias=False, kernel_init=kernel_init, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
 
-    xz = linear(2 * d_inner, self.d_model, "in_proj")(u)
+    xz = linear(2 * d_inner, "in_proj")(u)
     x, z = jnp.split(xz, 2, axis=-1)
 
     conv_init = (nn.initializers.normal(math.sqrt(2.0 / (self.d_conv * d_inner))) if ul
@@ -92,7 +91,7 @@ class Mamba(nn.Module):
                 param_dtype=self.param_dtype, name="conv1d")(x)
     x = jax.nn.silu(x)
 
-    x_dbl = linear(rank + 2 * n, d_inner, "x_proj")(x)
+    x_dbl = linear(rank + 2 * n, "x_proj")(x)
     dt, b_t, c_t = jnp.split(x_dbl, [rank, rank + n], axis=-1)
 
     dt_std = rank ** -0.5 * self.dt_scale
@@ -115,7 +114,7 @@ class Mamba(nn.Module):
         jnp.swapaxes(x, 1, 2), jnp.swapaxes(delta, 1, 2), -jnp.exp(a_log.astype(jnp.float32)),
         jnp.swapaxes(b_t, 1, 2), jnp.swapaxes(c_t, 1, 2), d_skip, z=jnp.swapaxes(z, 1, 2),
         delta_bias=dt_bias, delta_softplus=True, impl=self.scan_impl)
-    return linear(self.d_model, d_inner, "out_proj")(jnp.swapaxes(y, 1, 2))
+    return linear(self.d_model, "out_proj")(jnp.swapaxes(y, 1, 2))
 
 
 # ------------------------------------------------------------------------------------------------
