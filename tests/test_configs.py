@@ -78,6 +78,8 @@ def test_improved_recipe_applies_at_run_time():
   assert (r.loss, r.schedule, r.select, r.data.split) == ("dice_bce_per_image", "cosine", "best",
                                                           "patient")
   assert r.data.augment.enabled and r.optimizer == "adamw"
+  # the paper's recipe keeps the authors' 4-GPU DataParallel BatchNorm chunks; improved does not
+  assert recipe.resolve_config(_load("unet")).bn_chunks == 4 and r.bn_chunks == 1
   c.recipe = "best-ever"
   with pytest.raises(ValueError, match="unknown recipe"):
     recipe.resolve_config(c)

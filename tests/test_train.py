@@ -155,6 +155,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
     ({"data.dir": "/no/such/folder"}, "is not an existing folder"),
     ({"dtype": "float16"}, "dtype must be one of"),
     ({"loss": "focal"}, "loss must be one of"),
+    ({"bn_chunks": 0}, "bn_chunks must be a positive integer"),
 ])
 def test_bad_config_values(overrides, message, tmp_path):
   from jaxmamba.train import train_and_evaluate

@@ -11,6 +11,8 @@ Fields:
   families), batch_size (train), eval_batch_size (the paper's test batch size, also used for
   validation), num_epochs, max_steps (0 = no cap), loss ("dice_pooled" | "bce" | "bce_dice" |
   "dice_bce_per_image"), loss_smooth (<= 0: the loss's own default), optimizer ("adam" | "adamw"),
+  bn_chunks (BatchNorm statistics per torch.chunk piece of the batch, as nn.DataParallel on 4 GPUs
+  computed them; 1 = over the whole batch; no effect on models without BatchNorm),
   learning_rate, weight_decay, b1, b2, eps, schedule ("constant" | "cosine"), warmup_steps,
   min_lr_ratio, plateau_patience / plateau_factor (ReduceLROnPlateau on val loss; 0 = off),
   early_stopping_patience (epochs without a better best_metric; 0 = off), train_image_size
@@ -95,6 +97,9 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   c.eval_batch_size = eval_batch_size
   c.num_epochs = 100
   c.max_steps = 0
+  # The authors trained under nn.DataParallel on 4 GPUs: BatchNorm layers saw ceil(B/4)-row
+  # chunks, and the running statistics kept are the first chunk's (spec §9.4).
+  c.bn_chunks = 4
 
   c.loss = loss
   c.loss_smooth = 0.0
@@ -123,10 +128,10 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   c.tensorboard = True
   c.num_figure_slices = 6
 
-  # recipe="improved": per-image Dice + BCE, cosine schedule with warm-up, AdamW, patient-level
-  # split, light augmentation, selection of the best-validation (per-slice Dice) checkpoint.
+  # recipe="improved": per-image Dice + BCE, cosine schedule with warm-up, AdamW, BatchNorm over
+  # the whole batch, patient-level split, light augmentation, selection of the best-validation (per-slice Dice) checkpoint.
   c.improved = ml_collections.ConfigDict({
-      "loss": "dice_bce_per_image", "optimizer": "adamw",
+      "loss": "dice_bce_per_image", "optimizer": "adamw", "bn_chunks": 1,
       "weight_decay": 1e-4 if weight_decay == 0 else weight_decay,
       "schedule": "cosine", "warmup_steps": 200, "min_lr_ratio": 0.01,
       "best_metric": "val_dice_slice", "select": "best", "threshold": "sigmoid",

@@ -60,6 +60,10 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}")
   if config.num_epochs <= 0:
     raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
+  if isinstance(config.bn_chunks, bool) or not isinstance(config.bn_chunks, int) \
+      or config.bn_chunks < 1:
+    raise ValueError(f"config.bn_chunks must be a positive integer (1 = BatchNorm over the "
+                     f"whole batch), got {config.bn_chunks!r}")
   if config.max_steps < 0:
     raise ValueError(f"config.max_steps must be >= 0 (0 = no cap), got {config.max_steps}")
   if config.learning_rate <= 0:

@@ -4,7 +4,8 @@ Data parallel over every visible device (one process or several hosts after
 `jax.distributed.initialize`): a Mesh with one `data` axis, parameters and optimiser state
 replicated, each batch split along its first axis.  The same code runs on one CPU, on fake CPU
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`) and on GPUs.  BatchNorm statistics
-are computed over the global batch (the authors' DataParallel used per-GPU chunks, spec §9.4).
+are computed per `config.bn_chunks` pieces of the batch, as the authors' 4-GPU DataParallel did
+(spec §9.4; `jaxmamba.train.bn_chunks`), or over the global batch with `bn_chunks=1`.
 
 Deterministic for a given config: initialisation, shuffling (`data.batches(seed, epoch)`) and
 augmentation (key folded with the step) depend only on `config.seed` and the step, so a run resumed
@@ -30,7 +31,7 @@ from jaxmamba.models import registry
 from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
 from jaxmamba.train import evaluate as ev
-from jaxmamba.train import losses, recipe
+from jaxmamba.train import bn_chunks, losses, recipe
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.writers import MetricWriter
 
@@ -144,8 +145,8 @@ class _Setup:
       variables = {"params": params}
       if self.has_bn:
         variables["batch_stats"] = state["batch_stats"]
-        logits, updates = self.model.apply(variables, images, train=True,
-                                           mutable=["batch_stats"])
+        logits, updates = bn_chunks.apply_in_chunks(self.model, variables, images,
+                                                    self.config.bn_chunks)
       else:
         logits, updates = self.model.apply(variables, images, train=True), {}
       return self.loss_fn(logits.astype(jnp.float32), masks), updates
