@@ -3,13 +3,21 @@
   python -m experiments.bench_train --config=umambabot_pp
   python -m experiments.bench_train --config=umambabot_pp --config.dtype=bfloat16
   python -m experiments.bench_train --config=ulvmunet --config.batch_size=16 --steps=20
+  python -m experiments.bench_train --compare_authors [--out=FILE.md]
 
 Uses the config's recipe (batch size, image size 256 or --config.data.synthetic.image_size,
 dtype, scan_impl) on every visible device, but not its synthetic_run shrink and no real data;
 prints compile time, seconds per step and images per second.
+
+`--compare_authors` runs the harness behind the authors' PyTorch rates quoted in issue 7 (one
+H100, batch 64, 256x256, pooled Dice loss + Adam, no DataParallel so BatchNorm over the whole
+batch) for UNet, ResNet18/50-seg and SegFormer in float32 and bfloat16, and prints a Markdown
+table with their images/s beside ours.  `--batch_size` and `--image_size` shrink it for a smoke
+run; the ratio column is only meaningful on an H100 at the defaults.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import time
@@ -24,6 +32,15 @@ from experiments.configs import base
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config name or path", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step that compiles)")
+flags.DEFINE_bool("compare_authors", False, "time the four models of the authors' H100 rates")
+flags.DEFINE_integer("batch_size", 64, "with --compare_authors: the batch size")
+flags.DEFINE_integer("image_size", 256, "with --compare_authors: the image size")
+flags.DEFINE_string("out", "", "with --compare_authors: also write the table to this file")
+
+# The authors' PyTorch training rates on one H100 (images/s; batch 64, 256x256, Dice + Adam,
+# eager): float32, and bfloat16 autocast + channels_last.  Quoted in issue 7.
+AUTHORS_H100 = {"unet": (545, 1415), "resnet18_seg": (3086, 4922),
+                "resnet50_seg": (1203, 2335), "segformer": (539, 308)}
 
 
 def bench(config, steps: int) -> dict:
@@ -60,8 +77,46 @@ def bench(config, steps: int) -> dict:
           "loss": float(stats["loss"])}
 
 
+def authors_harness(name: str, dtype: str, batch_size: int, image_size: int):
+  """`name`'s config set to the authors' timing harness (not their per-model training recipe)."""
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  config.batch_size = batch_size
+  config.dtype = dtype
+  config.loss, config.optimizer, config.weight_decay = "dice_pooled", "adam", 0.0
+  config.train_image_size = 0          # SegFormer too: the rates were taken at 256x256
+  config.bn_chunks = 1                 # one GPU, no DataParallel
+  config.data.synthetic.image_size = image_size
+  return config
+
+
+def compare_authors(steps: int, batch_size: int, image_size: int) -> str:
+  """Markdown table: our train-step images/s against the authors' PyTorch H100 rates."""
+  lines = ["| model | dtype | batch | px | compile s | ms/step | ours img/s | authors H100 img/s "
+           "| ours / authors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, rates in AUTHORS_H100.items():
+    for dtype, theirs in zip(("float32", "bfloat16"), rates):
+      r = bench(authors_harness(name, dtype, batch_size, image_size), steps)
+      lines.append(f"| {name} | {dtype} | {batch_size} | {image_size} | {r['compile_s']:.1f} | "
+                   f"{r['step_s'] * 1e3:.1f} | {r['images_per_s']:.0f} | {theirs} | "
+                   f"{r['images_per_s'] / theirs:.2f} |")
+      print(lines[-1], flush=True)
+  device = jax.devices()[0]
+  lines.append(f"\n{len(jax.devices())} x {device.device_kind} ({device.platform}), "
+               f"jax {jax.__version__}, median of {steps} steps after a compiling one.")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if FLAGS.compare_authors:
+    table = compare_authors(FLAGS.steps, FLAGS.batch_size, FLAGS.image_size)
+    print(table)
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        f.write(table + "\n")
+    return
+  if _CONFIG.value is None:
+    sys.exit("error: give --config=NAME or --compare_authors")
   r = bench(_CONFIG.value, FLAGS.steps)
   print(f"{r['model']}: batch {r['batch_size']} at {r['image_size']}px, {r['dtype']}, "
         f"{r['devices']} {r['platform']} device(s): first step (compile) {r['compile_s']:.1f} s, "

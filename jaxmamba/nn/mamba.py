@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmamba.nn import torch_compat
+from jaxmamba.nn.depthwise import DepthwiseConv
 from jaxmamba.ops.selective_scan import selective_scan
 
 INIT_SCHEMES = ("mamba", "ultralight")
@@ -85,10 +86,11 @@ class Mamba(nn.Module):
 
     conv_init = (nn.initializers.normal(math.sqrt(2.0 / (self.d_conv * d_inner))) if ul
                  else torch_compat.torch_kernel_init())
-    x = nn.Conv(d_inner, (self.d_conv,), padding=[(self.d_conv - 1, 0)],
-                feature_group_count=d_inner, use_bias=True, kernel_init=conv_init,
-                bias_init=torch_compat.torch_bias_init(self.d_conv), dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv1d")(x)
+    # causal depthwise conv1d (nn.Conv(feature_group_count=d_inner) parameters, faster gradient)
+    x = DepthwiseConv(d_inner, (self.d_conv,), padding=[(self.d_conv - 1, 0)],
+                      use_bias=True, kernel_init=conv_init,
+                      bias_init=torch_compat.torch_bias_init(self.d_conv), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="conv1d")(x)
     x = jax.nn.silu(x)
 
     x_dbl = linear(rank + 2 * n, "x_proj")(x)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.nn.depthwise import DepthwiseConv
+
 # ------------------------------------------------------------------------------------------------
 # Initialisers
 
@@ -58,11 +60,19 @@ def fan_out_normal_init(groups: int = 1):
 def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1,
            bias: bool = True, in_features: int | None = None, dilation: int = 1, name=None,
            kernel_init=None, bias_init=None, dtype=None) -> nn.Conv:
-  """nn.Conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`)."""
+  """nn.Conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`).
+
+  A depthwise conv (groups == in_features, stride 1, no dilation) is a `DepthwiseConv` with the
+  same parameters: XLA's grouped-conv gradient is very slow on the CPU (jaxmamba.nn.depthwise).
+  """
   if bias and bias_init is None:
     if in_features is None:
       raise ValueError("conv2d: torch's default bias init needs in_features")
     bias_init = torch_bias_init(in_features // groups * kernel * kernel)
+  if groups > 1 and groups == in_features and stride == 1 and dilation == 1:
+    return DepthwiseConv(features, (kernel, kernel), padding=[(padding, padding)] * 2,
+                         use_bias=bias, kernel_init=kernel_init or torch_kernel_init(),
+                         bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
                  kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
                  kernel_init=kernel_init or torch_kernel_init(),
