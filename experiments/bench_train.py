@@ -36,6 +36,7 @@ flags.DEFINE_bool("compare_authors", False, "time the four models of the authors
 flags.DEFINE_integer("batch_size", 64, "with --compare_authors: the batch size")
 flags.DEFINE_integer("image_size", 256, "with --compare_authors: the image size")
 flags.DEFINE_string("out", "", "with --compare_authors: also write the table to this file")
+flags.DEFINE_list("models", [], "with --compare_authors: a subset of the four models")
 
 # The authors' PyTorch training rates on one H100 (images/s; batch 64, 256x256, Dice + Adam,
 # eager): float32, and bfloat16 autocast + channels_last.  Quoted in issue 7.
@@ -89,11 +90,16 @@ def authors_harness(name: str, dtype: str, batch_size: int, image_size: int):
   return config
 
 
-def compare_authors(steps: int, batch_size: int, image_size: int) -> str:
+def compare_authors(steps: int, batch_size: int, image_size: int, models=()) -> str:
   """Markdown table: our train-step images/s against the authors' PyTorch H100 rates."""
+  unknown = set(models) - set(AUTHORS_H100)
+  if unknown:
+    raise ValueError(f"no authors' rate for {sorted(unknown)}; known: {', '.join(AUTHORS_H100)}")
   lines = ["| model | dtype | batch | px | compile s | ms/step | ours img/s | authors H100 img/s "
            "| ours / authors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for name, rates in AUTHORS_H100.items():
+    if models and name not in models:
+      continue
     for dtype, theirs in zip(("float32", "bfloat16"), rates):
       r = bench(authors_harness(name, dtype, batch_size, image_size), steps)
       lines.append(f"| {name} | {dtype} | {batch_size} | {image_size} | {r['compile_s']:.1f} | "
@@ -109,7 +115,10 @@ def compare_authors(steps: int, batch_size: int, image_size: int) -> str:
 def main(argv):
   del argv
   if FLAGS.compare_authors:
-    table = compare_authors(FLAGS.steps, FLAGS.batch_size, FLAGS.image_size)
+    try:
+      table = compare_authors(FLAGS.steps, FLAGS.batch_size, FLAGS.image_size, FLAGS.models)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     print(table)
     if FLAGS.out:
       with open(FLAGS.out, "w") as f:

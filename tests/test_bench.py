@@ -1,11 +1,16 @@
-"""kernels.bench on the CPU: tiny shapes, every column filled, the table written, bad input
-refused."""
+"""kernels.bench and experiments.bench_train on the CPU: tiny shapes, every column filled, the
+table written, bad input refused."""
 import argparse
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
 
 from kernels import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
@@ -47,3 +52,27 @@ def test_min_bytes_counts_each_array_once():
 def test_bad_shapes_are_refused(text):
   with pytest.raises((argparse.ArgumentTypeError, ValueError)):
     bench.parse_shape(text)
+
+
+def test_bench_train_compare_authors_cli(tmp_path):
+  """The authors' timing harness (batch, Dice + Adam, BN over the whole batch) and its table."""
+  from experiments import bench_train
+  c = bench_train.authors_harness("segformer", "bfloat16", 64, 256)
+  assert (c.batch_size, c.dtype, c.loss, c.optimizer, c.bn_chunks, c.train_image_size,
+          c.data.synthetic.image_size) == (64, "bfloat16", "dice_pooled", "adam", 1, 0, 256)
+  out = tmp_path / "table.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--compare_authors",
+       "--models=resnet18_seg", "--batch_size=2", "--image_size=32", "--steps=1", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [l for l in out.read_text().splitlines() if l.startswith("| resnet18_seg")]
+  assert [r.split("|")[2].strip() for r in rows] == ["float32", "bfloat16"]
+  for row, theirs in zip(rows, bench_train.AUTHORS_H100["resnet18_seg"]):
+    cells = [x.strip() for x in row.split("|")[1:-1]]
+    ours = float(cells[6])
+    assert ours > 0 and int(cells[7]) == theirs
+    assert float(cells[8]) == pytest.approx(ours / theirs, abs=0.006)
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_authors",
+                        "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "no authors' rate for ['vgg']" in bad.stderr

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One-shot GPU timing of the train step (issue 7): ours against the authors' PyTorch H100 rates,
+# and the Mamba models with each scan implementation.  Run once, from the repo root, on the
+# device machine (Python 3.12, jax 0.11.2 + CUDA 13, triton 3.6.0, absl, orbax, tqdm; no
+# ml-collections, no jax-triton, no internet).
+#
+#   carry: .whl   (on the CPU machine, once:
+#                  pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#                      ml-collections==1.1.0 jax-triton==0.3.1)
+#   run:   bash experiments/gpu_bench_train.sh      (timeout_s 540; it budgets itself to ~7.5 min)
+#
+# Writes to $OUT: env.txt, compare_authors.md (+ .log), mamba.log.  Every stage has its own
+# timeout and the script carries on past failures.  Record what it prints in kernels/NOTES.md
+# (Mamba rows) and the README (train-step rows), with the card's name.
+# SMOKE=1 shrinks every stage to seconds, to try the script on a CPU.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_bench_train_out}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+T0=$(date +%s)
+if [ "${SMOKE:-0}" = 1 ]; then
+  COMPARE_ARGS="--models=resnet18_seg --batch_size=2 --image_size=32 --steps=1"
+  MAMBA_ARGS="--config.batch_size=2 --config.data.synthetic.image_size=32 --steps=1"
+else
+  COMPARE_ARGS="--steps=20"
+  MAMBA_ARGS="--steps=10"
+fi
+stage() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+
+stage "install carried wheels"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || echo "wheel install FAILED"
+fi
+export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+stage "environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+    || echo "no nvidia-smi"
+  python3 -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+stage "ours vs the authors' PyTorch H100 rates: 4 models x float32/bfloat16, batch 64, 256 px (<= 330 s)"
+# Rows are printed as they finish, so a timeout still leaves the finished ones in the log.
+timeout 330 python3 -m experiments.bench_train --compare_authors $COMPARE_ARGS \
+  --out="$OUT/compare_authors.md" > "$OUT/compare_authors.log" 2>&1
+echo "compare exit: $?" | tee -a "$OUT/compare_authors.log"
+grep "^|" "$OUT/compare_authors.log"
+
+stage "UMambaBot-PP, the authors' batch size, triton and chunked scans (<= 110 s)"
+# Total: ~20 + 330 + 110 s = ~7.7 minutes at worst.
+{
+  for impl in triton chunked; do
+    timeout 55 python3 -m experiments.bench_train --config=umambabot_pp \
+      --config.scan_impl=$impl $MAMBA_ARGS || echo "umambabot_pp $impl FAILED ($?)"
+  done
+} > "$OUT/mamba.log" 2>&1
+grep -v "^[IW][0-9]" "$OUT/mamba.log" | tail -20
+stage "done"
