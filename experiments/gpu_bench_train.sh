@@ -13,13 +13,8 @@
 # timeout and the script carries on past failures.  Record what it prints in kernels/NOTES.md
 # (Mamba rows) and the README (train-step rows), with the card's name.
 # SMOKE=1 shrinks every stage to seconds, to try the script on a CPU.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_bench_train_out}
-mkdir -p "$OUT"
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-T0=$(date +%s)
+OUT_DEFAULT=/tmp/gpu_bench_train_out
+. "$(dirname "$0")/../kernels/gpu_prologue.sh"
 if [ "${SMOKE:-0}" = 1 ]; then
   COMPARE_ARGS="--models=resnet18_seg --batch_size=2 --image_size=32 --steps=1"
   MAMBA_ARGS="--config.batch_size=2 --config.data.synthetic.image_size=32 --steps=1"
@@ -27,14 +22,6 @@ else
   COMPARE_ARGS="--steps=20"
   MAMBA_ARGS="--steps=10"
 fi
-stage() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-
-stage "install carried wheels"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || echo "wheel install FAILED"
-fi
-export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 stage "environment"
 {

@@ -9,21 +9,8 @@
 # Writes to $OUT (6 files): env.txt, tests.log, bench.log, bench_f32.md, sweep.log, sweep.md.
 # Every stage has its own timeout and the script carries on past failures, so one run gives
 # everything it can.  Needs neither ml-collections nor tensorflow-datasets.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
-T0=$(date +%s)
-stage() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-
-stage "install carried wheels"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || echo "wheel install FAILED"
-fi
-export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+OUT_DEFAULT=/tmp/gpu_check_out
+. "$(dirname "$0")/../kernels/gpu_prologue.sh"
 # jax preallocates 75% of the GPU by default; the bench's peak-memory column must not see that,
 # and the reference/associative baselines need room.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
