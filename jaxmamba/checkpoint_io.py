@@ -95,7 +95,8 @@ def _is_pytree_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "_METADATA"))
 
 
-def _step_dirs(directory: str) -> list[int]:
+def step_numbers(directory: str) -> list[int]:
+  """The finished checkpoint steps of an Orbax CheckpointManager folder, ascending."""
   # Unfinished Orbax saves live in "<step>.orbax-checkpoint-tmp-*" folders: only plain integers.
   return sorted(int(e) for e in os.listdir(directory)
                 if re.fullmatch(r"\d+", e) and os.path.isdir(os.path.join(directory, e)))
@@ -106,7 +107,7 @@ def _resolve(directory: str) -> str:
   root), or, inside a step, the item that holds "params"."""
   if _is_pytree_checkpoint(directory):
     return directory
-  steps = _step_dirs(directory)
+  steps = step_numbers(directory)
   if steps:
     return _resolve(os.path.join(directory, str(steps[-1])))
   items = sorted(e for e in os.listdir(directory)
@@ -137,7 +138,7 @@ def find_checkpoint(path: str) -> str:
 
 
 def _has_checkpoint(directory: str) -> bool:
-  return (_is_pytree_checkpoint(directory) or bool(_step_dirs(directory))
+  return (_is_pytree_checkpoint(directory) or bool(step_numbers(directory))
           or any(_is_pytree_checkpoint(os.path.join(directory, e)) for e in os.listdir(directory)))
 
 

@@ -301,6 +301,12 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   outs = []
   try:
     outs = [p.communicate(timeout=420) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = [f"process {i}:\n{p.communicate()[1][-1500:]}" for i, p in enumerate(procs)]
+    pytest.fail("the two processes did not finish in 420 s (a hang, or a badly overloaded "
+                "machine); their stderr tails:\n" + "\n".join(tails))
   finally:
     for p in procs:
       p.kill()

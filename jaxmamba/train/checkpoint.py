@@ -20,11 +20,9 @@ import warnings
 import jax
 import orbax.checkpoint as ocp
 
+from jaxmamba.checkpoint_io import CheckpointError, step_numbers
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-  """No usable checkpoint although some exist."""
 
 
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -116,7 +114,7 @@ def load_checkpoint(workdir: str, which: str = "latest",
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
   root = os.path.join(os.path.abspath(workdir), "checkpoints")
   root = root if which == "latest" else os.path.join(root, "best")
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  steps = step_numbers(root) if os.path.isdir(root) else []
   if not steps:
     raise CheckpointError(f"no {which} checkpoint under {root}")
   step = steps[-1] if step is None else int(step)
