@@ -163,6 +163,24 @@ def test_bad_config_values(overrides, message, tmp_path):
     train_and_evaluate(tiny_config(**overrides), str(tmp_path))
 
 
+def test_steps_trace_under_the_data_mesh(tiny, tmp_path, monkeypatch):
+  """The jitted steps see the trainer's mesh as the context mesh, which the Triton scan needs to
+  run per device (jaxmamba.ops.triton_dispatch._per_data_shard)."""
+  from jaxmamba.models import registry
+  from jaxmamba.train import train_and_evaluate
+  seen = []
+
+  class SpyNet(TinyNet):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      seen.append(jax.sharding.get_abstract_mesh().axis_names)
+      return TinyNet.__call__(self, x, train)
+
+  monkeypatch.setattr(registry, "build", lambda name, **kw: SpyNet())
+  train_and_evaluate(tiny_config(max_steps=1, num_epochs=1), str(tmp_path))
+  assert ("data",) in seen
+
+
 def test_bfloat16_and_train_resize(tiny, tmp_path):
   """dtype=bfloat16 trains; train_image_size resizes images and masks inside the step."""
   from jaxmamba.train import train_and_evaluate

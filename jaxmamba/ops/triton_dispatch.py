@@ -8,7 +8,10 @@ Every kernel output is per batch row (cross-batch sums -- dA, dD, d delta_bias -
 per-(row, chunk) partials that plain JAX sums), so:
   * vmap folds the mapped axis into the batch (a `custom_vmap` rule on the two launch functions);
     a vmap over A, D or delta_bias, which are shared by the batch, runs one call per element;
-  * data parallelism is shard_map over the batch axis (each device runs the kernels on its rows).
+  * data parallelism: under a context mesh with a "data" axis (`jax.set_mesh`, as the trainer
+    sets it) the op runs in a `shard_map` over the batch axis, each device on its own rows.  The
+    kernels are opaque to XLA's partitioner, which would otherwise gather the whole batch onto
+    every device and run it there.
 
 `jax_triton` is imported inside functions only: it raises ImportError on a CPU-only jax.
 
@@ -19,10 +22,12 @@ exercise this module's custom_vjp / vmap plumbing with the real kernels.
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxmamba.ops import selective_scan as _ss
 
@@ -31,6 +36,8 @@ MAX_STATE = 64           # N is unrolled inside the kernels
 MAX_GRID_YZ = 65535      # CUDA's limit on grid dims 2 and 3 (d-blocks, batch)
 BLOCK_D = 16
 CHUNK = 64
+
+DATA_AXIS = "data"       # the mesh axis the batch is split over (jaxmamba.train's mesh)
 
 _BACKEND = "jax_triton"
 _COMPUTE_CAPABILITY = None  # None: ask the device; tests that only lower set e.g. 90
@@ -99,7 +106,33 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   if _BACKEND == "jax_triton" and _COMPUTE_CAPABILITY is None and not available():
     raise RuntimeError("selective_scan(impl='triton') needs jax on a GPU and jax_triton "
                        "importable; use impl='auto' or 'chunked' elsewhere")
-  return _scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), (BLOCK_D, CHUNK))
+  softplus, cfg = bool(delta_softplus), (BLOCK_D, CHUNK)
+  scan = lambda *a: _scan(*a, softplus, cfg)   # noqa: E731
+  return _per_data_shard(scan, (u, delta, A, B, C, D, z, delta_bias), _FWD_ROWS)
+
+
+def _per_data_shard(fn, args, rows):
+  """fn(*args) -> (y, last), on each device's batch rows when the context mesh has a "data" axis
+  that divides the batch (`rows`: which arguments are per batch row); else one plain call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return fn(*args)
+  shards = mesh.shape[DATA_AXIS]
+  if shards == 1 or args[0].shape[0] % shards:
+    return fn(*args)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def local(*xs):
+    full = [None] * len(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return fn(*full)
+
+  # check_vma=False: the custom_vjp inside carries no varying-axis types; the transpose then sums
+  # the cotangents of the shared arguments (A, D, delta_bias) over the data axis, as it must.
+  return jax.shard_map(local, in_specs=tuple(P(DATA_AXIS) if rows[i] else P() for i in present),
+                       out_specs=(P(DATA_AXIS), P(DATA_AXIS)), check_vma=False)(
+                           *[args[i] for i in present])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,6 +324,9 @@ def _to_torch(x):
   return None if x is None else torch.from_numpy(np.asarray(x, np.float32).copy())
 
 
+_INTERPRET_LOCK = threading.Lock()
+
+
 def _host_call(fn, out_shapes, *args):
   """pure_callback around a torch function; None arguments and results pass through."""
   present = [i for i, a in enumerate(args) if a is not None]
@@ -300,7 +336,10 @@ def _host_call(fn, out_shapes, *args):
     full = [None] * len(args)
     for i, a in zip(present, arrays):
       full[i] = _to_torch(a)
-    outs = [o for o in fn(*full) if o is not None]
+    # Triton's interpreter keeps the launch grid in global state: devices sharing this process
+    # (fake CPU devices under a mesh) call back from several threads, so one launch at a time.
+    with _INTERPRET_LOCK:
+      outs = [o for o in fn(*full) if o is not None]
     return tuple(np.asarray(o.float().numpy()).astype(s.dtype) for o, s in zip(outs, shapes))
 
   flat = jax.pure_callback(host, tuple(shapes), *[args[i] for i in present])

@@ -58,6 +58,15 @@ def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def _under_mesh(mesh, fn):
+  """`fn` traced and run with `mesh` as the context mesh: ops that XLA cannot partition (the
+  Triton selective scan) read its "data" axis and run on each device's rows."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
 class _Setup:
   """Everything built once per run: mesh, data, model, optimiser, jitted steps."""
 
@@ -99,12 +108,13 @@ class _Setup:
       self.state = self._start_from(config.init_from)
     self.num_params = count_params(self.state["params"])
 
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.replicated, self.batch_sharding),
-                              out_shardings=(self.replicated, self.replicated),
-                              donate_argnums=(0,))
+    train_step = jax.jit(self._train_step, in_shardings=(self.replicated, self.batch_sharding),
+                         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
     eval_fn = ev.make_eval_step(self.model, self.loss_fn, config.threshold, self.has_bn)
-    self.eval_step = jax.jit(eval_fn, in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
-                             out_shardings=self.replicated)
+    eval_step = jax.jit(eval_fn, in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
+                        out_shardings=self.replicated)
+    self.train_step = _under_mesh(self.mesh, train_step)
+    self.eval_step = _under_mesh(self.mesh, eval_step)
 
   def _init_state(self, rng):
     x = jnp.zeros((1, self.train_size, self.train_size, 3), jnp.float32)
