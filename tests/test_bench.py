@@ -55,11 +55,21 @@ def test_bad_shapes_are_refused(text):
 
 
 def test_bench_train_compare_authors_cli(tmp_path):
-  """The authors' timing harness (batch, Dice + Adam, BN over the whole batch) and its table."""
-  from experiments import bench_train
-  c = bench_train.authors_harness("segformer", "bfloat16", 64, 256)
-  assert (c.batch_size, c.dtype, c.loss, c.optimizer, c.bn_chunks, c.train_image_size,
-          c.data.synthetic.image_size) == (64, "bfloat16", "dice_pooled", "adam", 1, 0, 256)
+  """The authors' timing harness (batch, Dice + Adam, BN over the whole batch) and its table.
+
+  experiments.* modules define absl flags at import, so they are only imported in subprocesses
+  (two of them in one pytest worker would define --out twice)."""
+  probe = subprocess.run(
+      [sys.executable, "-c", "from experiments import bench_train as b; "
+       "c = b.authors_harness('segformer', 'bfloat16', 64, 256); "
+       "print(c.batch_size, c.dtype, c.loss, c.optimizer, c.bn_chunks, c.train_image_size, "
+       "c.data.synthetic.image_size); print(*b.AUTHORS_H100['resnet18_seg'])"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert probe.returncode == 0, probe.stderr[-2000:]
+  harness, rates = probe.stdout.splitlines()[-2:]
+  assert harness.split() == ["64", "bfloat16", "dice_pooled", "adam", "1", "0", "256"]
+  authors = [int(r) for r in rates.split()]
+  assert authors == [3086, 4922]       # issue 7's quoted ResNet18-seg rates
   out = tmp_path / "table.md"
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train", "--compare_authors",
@@ -68,7 +78,7 @@ def test_bench_train_compare_authors_cli(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [l for l in out.read_text().splitlines() if l.startswith("| resnet18_seg")]
   assert [r.split("|")[2].strip() for r in rows] == ["float32", "bfloat16"]
-  for row, theirs in zip(rows, bench_train.AUTHORS_H100["resnet18_seg"]):
+  for row, theirs in zip(rows, authors):
     cells = [x.strip() for x in row.split("|")[1:-1]]
     ours = float(cells[6])
     assert ours > 0 and int(cells[7]) == theirs

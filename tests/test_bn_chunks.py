@@ -49,18 +49,26 @@ def _torch_dataparallel_step(model, x, y, num_chunks):
   return out.detach(), float(loss), grads
 
 
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+
+
 @pytest.mark.parametrize("batch,num_chunks", [(7, 4), (8, 4)])
 def test_unet_train_step_matches_torch_dataparallel(batch, num_chunks):
   """7 rows in 4 chunks is torch.chunk's 2+2+2+1 (the vmap plus a smaller tail), 8 is 2+2+2+2."""
-  size = 32
+  size = 64
+  torch.manual_seed(0)                # fixes the torch init that `perturbed` moves
   tm = perturbed(TORCH_MODELS["unet"](), seed=3)
+  tm64 = copy.deepcopy(tm).double()
   variables = registry.from_torch_state_dict("unet", tm.state_dict())
   g = torch.Generator().manual_seed(4)
   x = torch.rand(batch, 3, size, size, generator=g)
   y = (torch.rand(batch, 1, size, size, generator=g) > 0.7).float()
   want_out, want_loss, want_grads = _torch_dataparallel_step(tm, x, y, num_chunks)
-  want_vars = registry.from_torch_state_dict("unet", want_grads)
+  _, _, grads64 = _torch_dataparallel_step(tm64, x.double(), y.double(), num_chunks)
   want_stats = registry.from_torch_state_dict("unet", tm.state_dict())["batch_stats"]
+  torch32 = _flat(registry.from_torch_state_dict("unet", want_grads)["params"])
+  exact = _flat(registry.from_torch_state_dict("unet", grads64)["params"])
 
   model = registry.build("unet")
   loss_fn = losses.get_loss("dice_pooled")
@@ -76,20 +84,21 @@ def test_unet_train_step_matches_torch_dataparallel(batch, num_chunks):
   (loss, (out, updates)), grads = step(variables["params"], variables["batch_stats"], num_chunks)
   assert rel_err(out, nhwc(want_out)) < 1e-5
   assert abs(float(loss) - want_loss) < 1e-5
-  flat_want = dict(jax.tree_util.tree_flatten_with_path(want_vars["params"])[0])
-  # Biases of convs followed by BatchNorm have a zero gradient up to rounding (1e-12 here), so
-  # each leaf gets a floor relative to the whole gradient's norm.
-  floor = 1e-6 * float(np.sqrt(sum(np.sum(np.square(g)) for g in flat_want.values())))
-  for path, got in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    want = np.asarray(flat_want[path])
-    assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want) + floor, \
-        jax.tree_util.keystr(path)
   flat_stats = dict(jax.tree_util.tree_flatten_with_path(want_stats)[0])
   for path, got in jax.tree_util.tree_flatten_with_path(updates["batch_stats"])[0]:
     assert rel_err(got, flat_stats[path]) < 1e-5, jax.tree_util.keystr(path)
 
+  # Gradients: this loss (pooled Dice through 23 BatchNorm layers at perturbed weights) is
+  # ill-conditioned in float32: torch's own float32 gradient is ~1e-3 (relative) from its float64
+  # one.  Ours, against float64, must be as good as torch's float32 up to a small factor.
+  rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  floor = rel(torch32, exact)
+  assert rel(_flat(grads), exact) <= 3 * floor + 1e-6, (rel(_flat(grads), exact), floor)
+
   # The test can tell the chunked statistics from the global-batch ones.
-  (_, (out_global, upd_global)), _ = step(variables["params"], variables["batch_stats"], 1)
+  (_, (out_global, upd_global)), grads_global = step(variables["params"],
+                                                     variables["batch_stats"], 1)
   assert rel_err(out_global, nhwc(want_out)) > 1e-3
   assert max(rel_err(a, b) for a, b in zip(jax.tree.leaves(upd_global),
                                            jax.tree.leaves(want_stats))) > 1e-3
+  assert rel(_flat(grads_global), exact) > 30 * floor
