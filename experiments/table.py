@@ -4,8 +4,8 @@
 
 Reads each RUN_DIR/results.json (and figure_slices.npz) written by experiments.run and writes to
 --out: table.md and table.csv (model, parameters, test Dice/IoU under the paper's batch-pooled
-metric and per-slice, per-patient Dice, train time, images/s; for the checkpoint each run
-selected), figure2.png (paper-metric test Dice against parameter count, log x-axis, labelled
+metric and per-slice, per-patient Dice, train time, images/s, recipe and data; for the
+checkpoint each run selected), figure2.png (paper-metric test Dice against parameter count, log x-axis, labelled
 points) and figure3.png (the same test slices segmented by every model, with the ground truth).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ flags.DEFINE_string("out", "table", "output folder")
 FLAGS = flags.FLAGS
 
 COLUMNS = ("model", "params", "dice_paper", "iou_paper", "dice_slice", "iou_slice",
-           "dice_patient", "checkpoint", "train_time", "images_per_s")
+           "dice_patient", "checkpoint", "train_time", "images_per_s", "recipe", "data")
 
 
 def _fmt_time(seconds) -> str:
@@ -48,7 +48,28 @@ def row(results: dict) -> dict:
           "dice_paper": test["paper"]["dice"], "iou_paper": test["paper"]["iou"],
           "dice_slice": test["slice"]["dice"], "iou_slice": test["slice"]["iou"],
           "dice_patient": test["patient"]["dice"], "checkpoint": which,
-          "train_time": results.get("train_time_s"), "images_per_s": results.get("images_per_s")}
+          "train_time": results.get("train_time_s"), "images_per_s": results.get("images_per_s"),
+          "recipe": results.get("recipe"), "data": _data(results)}
+
+
+def _data(results: dict) -> str | None:
+  """Which data a run saw: rows on different data are not comparable, so the table says."""
+  if "synthetic" not in results:
+    return None
+  if results["synthetic"]:
+    return "synthetic"
+  return f"real, {results.get('data_split', '?')} split"
+
+
+def labels(rows: list[dict], run_dirs: list[str]) -> list[str]:
+  """Figure labels: the model name, plus recipe and data, then the run folder, where needed to
+  tell runs of one model apart."""
+  out = [r["model"] for r in rows]
+  for extend in (lambda i: f"{out[i]} ({rows[i]['recipe']}, {rows[i]['data']})",
+                 lambda i: f"{out[i]} [{os.path.basename(os.path.normpath(run_dirs[i]))}]"):
+    repeated = {x for x in out if out.count(x) > 1}
+    out = [extend(i) if x in repeated else x for i, x in enumerate(out)]
+  return out
 
 
 def _cell(key, value) -> str:
@@ -71,7 +92,7 @@ def write_tables(rows: list[dict], out: str) -> None:
     w.writeheader()
     w.writerows(rows)
   header = ["Model", "Params", "Dice (paper)", "IoU (paper)", "Dice (slice)", "IoU (slice)",
-            "Dice (patient)", "Checkpoint", "Train time", "Images/s"]
+            "Dice (patient)", "Checkpoint", "Train time", "Images/s", "Recipe", "Data"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     lines.append("| " + " | ".join(_cell(k, r[k]) for k in COLUMNS) + " |")
@@ -81,15 +102,15 @@ def write_tables(rows: list[dict], out: str) -> None:
     f.write("\n".join(lines) + "\n" + notes)
 
 
-def figure2(rows: list[dict], path: str) -> None:
-  """Dice against parameter count, log x-axis, one labelled point per model."""
+def figure2(rows: list[dict], names: list[str], path: str) -> None:
+  """Dice against parameter count, log x-axis, one labelled point per run."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in rows:
+  for r, name in zip(rows, names):
     ax.scatter(r["params"], r["dice_paper"], s=30)
-    ax.annotate(r["model"], (r["params"], r["dice_paper"]), textcoords="offset points",
+    ax.annotate(name, (r["params"], r["dice_paper"]), textcoords="offset points",
                 xytext=(4, 4), fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("parameters")
@@ -156,9 +177,10 @@ def make_table(run_dirs: list[str], out: str) -> tuple[list[dict], list[str]]:
   results = [load_run(d) for d in run_dirs]
   rows = [row(r) for r in results]
   write_tables(rows, out)
-  figure2(rows, os.path.join(out, "figure2.png"))
+  names = labels(rows, run_dirs)
+  figure2(rows, names, os.path.join(out, "figure2.png"))
   written = ["table.md", "table.csv", "figure2.png"]
-  if figure3(run_dirs, [r["model"] for r in rows], os.path.join(out, "figure3.png")):
+  if figure3(run_dirs, names, os.path.join(out, "figure3.png")):
     written.append("figure3.png")
   return rows, written
 

@@ -54,6 +54,23 @@ def test_table_rows_figures_and_selected_checkpoint(tmp_path):
     assert (out / png).stat().st_size > 1000
 
 
+def test_runs_of_one_model_are_told_apart(tmp_path):
+  from experiments import table
+  rows = [{"model": "ulvmunet", "recipe": "paper", "data": "real, slice split"},
+          {"model": "ulvmunet", "recipe": "improved", "data": "real, patient split"},
+          {"model": "ulvmunet", "recipe": "paper", "data": "real, slice split"},
+          {"model": "unet", "recipe": "paper", "data": "synthetic"}]
+  dirs = ["runs/a", "runs/b", "runs/c/", "runs/d"]
+  assert table.labels(rows, dirs) == [
+      "ulvmunet (paper, real, slice split) [a]", "ulvmunet (improved, real, patient split)",
+      "ulvmunet (paper, real, slice split) [c]", "unet"]
+  results = {"model": "unet", "num_params": 1, "selected": "final", "recipe": "improved",
+             "synthetic": False, "data_split": "patient",
+             "final": {"test": _split(0.5, 0.4, 0.6)}}
+  r = table.row(results)
+  assert (r["recipe"], r["data"]) == ("improved", "real, patient split")
+
+
 def test_figure3_is_skipped_and_said_when_runs_share_no_slices(tmp_path):
   from experiments import table
   _fake_run(tmp_path / "a", "unet", 7_765_985, 0.8929)
