@@ -177,9 +177,9 @@ class _Setup:
       v["batch_stats"] = state["batch_stats"]
     return v
 
-  def evaluate(self, state, slice_set) -> dict:
+  def evaluate(self, state, slice_set, keep=None) -> dict:
     return ev.evaluate(self.eval_step, self.variables(state), slice_set,
-                       self.config.eval_batch_size, self.batch_sharding, self.num_devices)
+                       self.config.eval_batch_size, self.batch_sharding, self.num_devices, keep)
 
 
 def _score(config, val: dict) -> float:
@@ -439,13 +439,24 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
                    "otherwise empty mask = 0; *_tumour: tumour-positive slices only",
           "patient": "per-patient 3-D Dice (Buda et al. 2019), mean over patients"},
   }
+  # The test passes also keep the figure slices' predictions (every process runs them: their
+  # steps are collectives), so the chosen checkpoint's figures need no extra pass.
+  test = s.splits.test
+  idx = ev.figure_indices(test, config.num_figure_slices)
+  figure_preds = {}
+
+  def on_test(which, at_state):
+    result = s.evaluate(at_state, test, keep=idx)
+    figure_preds[which] = result.pop("predictions")
+    return result
+
   results["final"] = {"step": step, "val": s.evaluate(state, s.splits.val),
-                      "test": s.evaluate(state, s.splits.test)}
+                      "test": on_test("final", state)}
   best_state, best_step = ckpt.restore_best(state)
   if best_state is not None:
     results["best"] = {"step": int(best_step), "metric": config.best_metric,
                        "val": s.evaluate(best_state, s.splits.val),
-                       "test": s.evaluate(best_state, s.splits.test)}
+                       "test": on_test("best", best_state)}
   else:
     results["best"] = None
   chosen_state = best_state if config.select == "best" and best_state is not None else state
@@ -453,11 +464,7 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   results["selected"] = chosen
   _write_json(os.path.join(workdir, "results.json"), results)
 
-  # Every process runs the evaluation (its steps are collectives); process 0 writes the figures.
-  test = s.splits.test
-  idx = ev.figure_indices(test, config.num_figure_slices)
-  preds = ev.evaluate(s.eval_step, s.variables(chosen_state), test, config.eval_batch_size,
-                      s.batch_sharding, s.num_devices, keep=idx)["predictions"]
+  preds = figure_preds[chosen]
   if jax.process_index() == 0:
     names = [test.names[i] for i in idx]
     np.savez_compressed(os.path.join(workdir, "figure_slices.npz"), names=np.asarray(names),
