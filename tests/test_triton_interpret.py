@@ -72,28 +72,33 @@ KERNEL_SCRIPT = """
   print("ALL OK")
 """
 
-JAX_SCRIPT = """
+# Shared by the binding scripts: the interpret backend, their inputs and their comparison.
+BINDING_PRELUDE = """
   import jax, jax.numpy as jnp
   from jaxmamba.ops import triton_dispatch as td
   td._BACKEND, td.BLOCK_D, td.CHUNK = "interpret", 2, 16     # 2 chunks, 2 channel blocks
 
-  ks = jax.random.split(jax.random.PRNGKey(1), 8)
-  b, d, L, N = 2, 3, 20, 2
-  n = jax.random.normal
-  args = (n(ks[0], (b, d, L)), 0.5 * n(ks[1], (b, d, L)), -jnp.exp(n(ks[2], (d, N))),
-          n(ks[3], (b, N, L)), n(ks[4], (b, N, L)), n(ks[5], (d,)), n(ks[6], (b, d, L)),
-          0.3 * n(ks[7], (d,)))
-  w = jnp.cos(jnp.arange(L))
+  def make_args(seed, b, d=3, L=20, N=2):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    n = jax.random.normal
+    return (n(ks[0], (b, d, L)), 0.5 * n(ks[1], (b, d, L)), -jnp.exp(n(ks[2], (d, N))),
+            n(ks[3], (b, N, L)), n(ks[4], (b, N, L)), n(ks[5], (d,)), n(ks[6], (b, d, L)),
+            0.3 * n(ks[7], (d,)))
+
+  def close(got, want, what, tol=2e-5):
+    err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-6))
+    assert err < tol, (what, err)
+"""
+
+JAX_SCRIPT = BINDING_PRELUDE + """
+  args = make_args(1, b=2)
+  w = jnp.cos(jnp.arange(args[0].shape[-1]))   # a weight over time for the loss
 
   def loss(fn):
     def f(*a):
       y, last = fn(*a, delta_softplus=True)
       return jnp.sum(y * w) + jnp.sum(last ** 2)
     return f
-
-  def close(got, want, what, tol=2e-5):
-    err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-6))
-    assert err < tol, (what, err)
 
   got = jax.jit(jax.value_and_grad(loss(td.selective_scan), argnums=tuple(range(8))))(*args)
   want = jax.value_and_grad(loss(td._reference), argnums=tuple(range(8)))(*args)
@@ -119,12 +124,9 @@ JAX_SCRIPT = """
 """
 
 
-SHARDED_SCRIPT = """
+SHARDED_SCRIPT = BINDING_PRELUDE + """
   import numpy as np
-  import jax, jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from jaxmamba.ops import triton_dispatch as td
-  td._BACKEND, td.BLOCK_D, td.CHUNK = "interpret", 2, 16
   assert len(jax.devices()) == 4
 
   # Record the batch each kernel launch sees (shapes are static: recorded while tracing).
@@ -136,12 +138,8 @@ SHARDED_SCRIPT = """
       return _orig(*a)
     setattr(td, name, spy)
 
-  ks = jax.random.split(jax.random.PRNGKey(2), 8)
-  b, d, L, N = 8, 3, 20, 2
-  n = jax.random.normal
-  args = (n(ks[0], (b, d, L)), 0.5 * n(ks[1], (b, d, L)), -jnp.exp(n(ks[2], (d, N))),
-          n(ks[3], (b, N, L)), n(ks[4], (b, N, L)), n(ks[5], (d,)), n(ks[6], (b, d, L)),
-          0.3 * n(ks[7], (d,)))
+  b = 8
+  args = make_args(2, b)
 
   def loss(fn):
     def f(*a):
@@ -159,9 +157,6 @@ SHARDED_SCRIPT = """
   assert seen and all(rows_seen == b // 4 for _, rows_seen in seen), seen  # per-device rows
   assert {k for k, _ in seen} == {"_interpret_forward", "_interpret_backward"}, seen
   want = jax.value_and_grad(loss(td._reference), argnums=tuple(range(8)))(*args)
-  def close(g, w, what, tol=2e-5):
-    err = float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-6))
-    assert err < tol, (what, err)
   close(got[0], want[0], "value")
   for name, g, r in zip("u delta A B C D z bias".split(), got[1], want[1]):
     close(g, r, "d" + name)       # A, D, bias: summed over the 4 devices' rows
