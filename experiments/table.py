@@ -5,8 +5,9 @@
 Reads each RUN_DIR/results.json (and figure_slices.npz) written by experiments.run and writes to
 --out: table.md and table.csv (model, parameters, test Dice/IoU under the paper's batch-pooled
 metric and per-slice, per-patient Dice, train time, images/s, recipe and data; for the
-checkpoint each run selected), figure2.png (paper-metric test Dice against parameter count, log x-axis, labelled
-points) and figure3.png (the same test slices segmented by every model, with the ground truth).
+checkpoint each run selected), figure2.png (paper-metric test Dice against parameter count, log
+x-axis, labelled points) and figure3.png (the same test slices segmented by every model, with the
+ground truth).
 """
 from __future__ import annotations
 

@@ -129,7 +129,8 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   c.num_figure_slices = 6
 
   # recipe="improved": per-image Dice + BCE, cosine schedule with warm-up, AdamW, BatchNorm over
-  # the whole batch, patient-level split, light augmentation, selection of the best-validation (per-slice Dice) checkpoint.
+  # the whole batch, patient-level split, light augmentation, selection of the best-validation
+  # (per-slice Dice) checkpoint.
   c.improved = ml_collections.ConfigDict({
       "loss": "dice_bce_per_image", "optimizer": "adamw", "bn_chunks": 1,
       "weight_decay": 1e-4 if weight_decay == 0 else weight_decay,

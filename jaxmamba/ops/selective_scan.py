@@ -18,7 +18,6 @@ Implementations (`impl=`):
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
