@@ -32,24 +32,27 @@ print("triton_dispatch.available():", triton_dispatch.available())
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
-stage "GPU tests (tests/test_triton_gpu.py, <= 170 s)"
-timeout 170 python3 -m pytest -q --maxfail=6 --no-header -p no:cacheprovider -m gpu \
+# Stage budgets in seconds; experiments/gpu_all.sh shrinks them to run both device scripts at once.
+TESTS_S=${TESTS_S:-170} BENCH_S=${BENCH_S:-220} SWEEP_S=${SWEEP_S:-80}
+
+stage "GPU tests (tests/test_triton_gpu.py, <= $TESTS_S s)"
+timeout $TESTS_S python3 -m pytest -q --maxfail=6 --no-header -p no:cacheprovider -m gpu \
   tests/test_triton_gpu.py -rA 2>&1 | tee "$OUT/tests.log" | grep -v "^PASSED" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
-stage "bench, float32, default GPU shapes: triton, chunked(64), associative (<= 220 s)"
-timeout 220 python3 -m kernels.bench --mode gpu --budget-s 160 --out "$OUT/bench_f32.md" \
+stage "bench, float32, default GPU shapes: triton, chunked(64), associative (<= $BENCH_S s)"
+timeout $BENCH_S python3 -m kernels.bench --mode gpu --budget-s $(( BENCH_S * 3 / 4 )) --out "$OUT/bench_f32.md" \
   > "$OUT/bench.log" 2>&1
 echo "bench exit: $?" | tee -a "$OUT/bench.log"
 tail -30 "$OUT/bench.log"
 
-stage "triton CHUNK sweep (32, 128) and bfloat16 on the three calibration shapes (<= 80 s)"
-# Total: ~10 + 170 + 220 + 80 s = ~8 minutes at worst.
+stage "triton CHUNK sweep (32, 128) and bfloat16 on the three calibration shapes (<= $SWEEP_S s)"
+# Total: ~10 + 170 + 220 + 80 s = ~8 minutes at worst (defaults).
 {
-  timeout 45 python3 -m kernels.bench --mode gpu --impls triton --triton-chunks 32,128 \
+  timeout $(( SWEEP_S * 9 / 16 )) python3 -m kernels.bench --mode gpu --impls triton --triton-chunks 32,128 \
     --shapes 64,32,4096,16 16,1024,256,16 4,2048,4096,16 --repeats 3
   echo "sweep exit: $?"
-  timeout 35 python3 -m kernels.bench --mode gpu --impls triton --dtype bfloat16 \
+  timeout $(( SWEEP_S * 7 / 16 )) python3 -m kernels.bench --mode gpu --impls triton --dtype bfloat16 \
     --shapes 64,32,4096,16 16,1024,256,16 4,2048,4096,16 --repeats 3
   echo "bf16 exit: $?"
 } > "$OUT/sweep.log" 2>&1
