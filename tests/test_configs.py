@@ -66,6 +66,11 @@ def test_synthetic_run_and_runlocal_shrink_but_keep_the_model(name):
   assert local.model == name and local.max_steps <= 4 and local.data.synthetic.image_size == 64
   if name == "segformer":
     assert 0 < local.train_image_size < 64 and 0 < r.train_image_size < 128
+  on_real_data = _load(name, "runlocal")
+  on_real_data.data.dir = ROOT   # as --config.data.dir=PATH does: the real recipe, 4 steps
+  on_real_data = recipe.resolve_config(on_real_data)
+  assert not on_real_data.synthetic_quick and on_real_data.max_steps == 4
+  assert on_real_data.batch_size == EXPECTED[name][0]
   with pytest.raises(ValueError, match="unknown config argument"):
     _load(name, "fast")
 

@@ -7,6 +7,7 @@ import glob
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -59,6 +60,26 @@ def test_pixels_bit_exact_against_tifffile(lgg):
     mask = tifffile.imread(stem + "_mask.tif")
     np.testing.assert_array_equal(lgg.images[i], image[..., ::-1])     # cv2's BGR order
     np.testing.assert_array_equal(lgg.masks[i], (mask / 255.0 >= 0.5).astype(np.uint8))
+
+
+def test_direct_read_equals_the_tfds_copy(lgg):
+  """data.tfds_dir="" reads the TIFFs straight into the same arrays as the TFDS copy."""
+  direct = data.load_all(_cfg(""))
+  assert direct.names == lgg.names
+  np.testing.assert_array_equal(direct.patients, lgg.patients)
+  np.testing.assert_array_equal(direct.images, lgg.images)
+  np.testing.assert_array_equal(direct.masks, lgg.masks)
+
+
+def test_without_tensorflow_datasets(damaged, tmp_path, monkeypatch):
+  """Where TFDS is not installed (the GPU machines' image): a clear error naming the way out,
+  which works."""
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # import raises
+  monkeypatch.delitem(sys.modules, "jaxmamba.data.tfds_lgg", raising=False)
+  monkeypatch.delattr(data, "tfds_lgg", raising=False)   # else `from ... import` finds it
+  with pytest.raises(data.DataError, match="tensorflow-datasets.*tfds_dir= "):
+    _load(damaged, tmp_path, "tfds")
+  assert len(_load(damaged, tmp_path, "direct")) == 20
 
 
 def test_slice_order_is_patient_then_number(lgg):
@@ -133,37 +154,43 @@ def damaged(tmp_path):
   return root
 
 
-def _load(root, tmp_path):
+@pytest.fixture(params=["tfds", "direct"])
+def via(request):
+  """Each bad-input test reads through the TFDS copy and straight from the TIFFs."""
+  return request.param
+
+
+def _load(root, tmp_path, via="tfds"):
   cfg = data.default_config()
-  cfg.dir, cfg.tfds_dir = str(root), str(tmp_path / "tfds")
+  cfg.dir, cfg.tfds_dir = str(root), str(tmp_path / "tfds") if via == "tfds" else ""
   return data.load_all(cfg)
 
 
-def test_undamaged_copy_loads(damaged, tmp_path):
-  assert len(_load(damaged, tmp_path)) == 20
+def test_undamaged_copy_loads(damaged, tmp_path, via):
+  assert len(_load(damaged, tmp_path, via)) == 20
 
 
-def test_missing_folder(tmp_path):
+def test_missing_folder(tmp_path, via):
   with pytest.raises(data.DataError, match="does not exist"):
-    _load(tmp_path / "nowhere", tmp_path)
+    _load(tmp_path / "nowhere", tmp_path, via)
 
 
-def test_image_without_mask(damaged, tmp_path):
+def test_image_without_mask(damaged, tmp_path, via):
   (damaged / PATIENT / f"{PATIENT}_3_mask.tif").unlink()
   with pytest.raises(data.DataError, match=rf"{PATIENT}_3\.tif: image has no mask"):
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
 
 
-def test_mask_without_image(damaged, tmp_path):
+def test_mask_without_image(damaged, tmp_path, via):
   (damaged / PATIENT / f"{PATIENT}_4.tif").unlink()
   with pytest.raises(data.DataError, match=rf"{PATIENT}_4_mask\.tif: mask has no image"):
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
 
 
-def test_misnamed_file_is_not_dropped(damaged, tmp_path):
+def test_misnamed_file_is_not_dropped(damaged, tmp_path, via):
   shutil.copy(damaged / PATIENT / f"{PATIENT}_5.tif", damaged / PATIENT / "stray.tif")
   with pytest.raises(data.DataError, match=r"stray\.tif: name does not follow"):
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
 
 
 @pytest.mark.parametrize("suffix,array,match", [
@@ -174,38 +201,38 @@ def test_misnamed_file_is_not_dropped(damaged, tmp_path):
     ("_mask", np.zeros((256, 128), np.uint8), "mask shape"),
     ("_mask", np.full((256, 256), 128, np.uint8), "values other than 0 and 255"),
 ])
-def test_wrong_content(damaged, tmp_path, suffix, array, match):
+def test_wrong_content(damaged, tmp_path, suffix, array, match, via):
   path = damaged / PATIENT / f"{PATIENT}_7{suffix}.tif"
   tifffile.imwrite(path, array)
   with pytest.raises(data.DataError, match=match) as info:
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
   assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 5])
-def test_truncated_file(damaged, tmp_path, keep):
+def test_truncated_file(damaged, tmp_path, keep, via):
   path = damaged / PATIENT / f"{PATIENT}_9.tif"
   content = path.read_bytes()
   path.write_bytes(content[:int(keep * len(content)) if keep < 1 else keep])
   with pytest.raises(data.DataError, match="truncated|unreadable") as info:
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
   assert str(path) in str(info.value)
 
 
-def test_unreadable_file(damaged, tmp_path):
+def test_unreadable_file(damaged, tmp_path, via):
   path = damaged / PATIENT / f"{PATIENT}_2_mask.tif"
   path.write_bytes(b"this is not a TIFF file" * 100)
   with pytest.raises(data.DataError, match="unreadable") as info:
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
   assert str(path) in str(info.value)
 
 
-def test_a_repaired_folder_builds(damaged, tmp_path):
+def test_a_repaired_folder_builds(damaged, tmp_path, via):
   """A failed build leaves nothing behind that a later good build would pick up."""
   path = damaged / PATIENT / f"{PATIENT}_7_mask.tif"
   good = path.read_bytes()
   tifffile.imwrite(path, np.full((256, 256), 7, np.uint8))
   with pytest.raises(data.DataError):
-    _load(damaged, tmp_path)
+    _load(damaged, tmp_path, via)
   path.write_bytes(good)
-  assert len(_load(damaged, tmp_path)) == 20
+  assert len(_load(damaged, tmp_path, via)) == 20

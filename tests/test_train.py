@@ -80,6 +80,15 @@ def _params_of(workdir, step=None):
                 for k, v in jax.tree_util.tree_leaves_with_path(item["params"])}
 
 
+def test_missing_tensorboardx_is_a_clear_error_before_training(tmp_path, monkeypatch):
+  from jaxmamba.train.writers import MetricWriter
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)   # import raises, as where it is absent
+  with pytest.raises(ImportError, match="tensorboard=False"):
+    MetricWriter(str(tmp_path), tensorboard=True)
+  MetricWriter(str(tmp_path), tensorboard=False).write("train", 1, {"loss": 0.5})
+  assert json.loads((tmp_path / "metrics" / "train.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
 def test_end_to_end_writes_everything(tiny, tmp_path, capsys):
   from jaxmamba.train import train_and_evaluate
   results = train_and_evaluate(tiny_config(), str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 # Where the TFDS copy of a kaggle_3m folder is written; built once per folder, reused after.
+# Empty: no copy, the TIFF files are read on every run (where tensorflow-datasets is missing).
 DEFAULT_TFDS_DIR = "~/.cache/jaxmamba/tfds"
 
 

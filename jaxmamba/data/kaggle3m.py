@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 
 from jaxmamba.data.errors import DataError
+from jaxmamba.data.slices import SliceSet
 
 IMAGE_SHAPE = (256, 256, 3)
 MASK_SHAPE = (256, 256)
@@ -172,3 +173,21 @@ def read_slice(files: SliceFiles) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"{files.mask_path}: mask has values other than 0 and 255 "
                     f"({bad.size} distinct, e.g. {bad[:5].tolist()})")
   return image, mask
+
+
+def to_training_layout(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A stored slice as the authors' code held it: the image's channels reversed (cv2's BGR
+  order) and the mask binarised at half its range (stored {0, 255} -> {0, 1})."""
+  return image[..., ::-1], (mask >= 128).astype(np.uint8)
+
+
+def load_all(root: str) -> SliceSet:
+  """Every slice read straight from the TIFF files (`data.tfds_dir=""`: no TFDS copy, nothing
+  written), sorted by (patient, slice number), in the layout `to_training_layout` gives; the
+  same arrays as `tfds_lgg.load_all`, with the same checks (`read_slice`)."""
+  files = scan(root)
+  images = np.empty((len(files),) + IMAGE_SHAPE, np.uint8)
+  masks = np.empty((len(files),) + MASK_SHAPE, np.uint8)
+  for i, slice_files in enumerate(files):
+    images[i], masks[i] = to_training_layout(*read_slice(slice_files))
+  return SliceSet(images, masks, [f.patient for f in files], [f.name for f in files])

@@ -1,8 +1,10 @@
 """`load_splits(cfg)`: the one entry point from a data config to in-memory train/val/test."""
 from __future__ import annotations
 
+from jaxmamba.data import kaggle3m
 from jaxmamba.data import splits as splits_lib
 from jaxmamba.data import synthetic
+from jaxmamba.data.errors import DataError
 from jaxmamba.data.slices import SliceSet, Splits
 
 
@@ -10,7 +12,16 @@ def load_all(cfg) -> SliceSet:
   """Every slice of the configured source, in (patient, slice) order, decoded into memory."""
   if cfg.dir == "":
     return synthetic.from_config(cfg.synthetic)
-  from jaxmamba.data import tfds_lgg  # TFDS is imported only for real data
+  if not cfg.tfds_dir:
+    return kaggle3m.load_all(cfg.dir)
+  try:
+    from jaxmamba.data import tfds_lgg  # TFDS is imported only for real data
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] not in ("tensorflow_datasets", "array_record"):
+      raise
+    raise DataError(f"the TFDS copy of {cfg.dir} needs tensorflow-datasets and array_record "
+                    f"({e}); install them, or pass --config.data.tfds_dir= (empty) to read the "
+                    "TIFF files directly on every run") from e
   return tfds_lgg.load_all(cfg.dir, cfg.tfds_dir)
 
 

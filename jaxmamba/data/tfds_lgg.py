@@ -159,8 +159,7 @@ def _decode(builder: LggKaggle3m) -> SliceSet:
   keys = []
   for i in range(n):
     example = source[i]
-    images[i] = example["image"][..., ::-1]
-    masks[i] = example["mask"][..., 0] >= 128
+    images[i], masks[i] = kaggle3m.to_training_layout(example["image"], example["mask"][..., 0])
     keys.append((_text(example["patient"]), int(example["number"])))
   order = sorted(range(n), key=keys.__getitem__)  # independent of the stored order
   return SliceSet(images[order], masks[order], np.array([keys[i][0] for i in order]),

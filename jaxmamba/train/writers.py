@@ -33,7 +33,11 @@ class MetricWriter:
       return
     os.makedirs(self.dir, exist_ok=True)
     if tensorboard:
-      from tensorboardX import SummaryWriter  # imported lazily: slow import
+      try:
+        from tensorboardX import SummaryWriter  # imported lazily: slow import
+      except ImportError as e:   # before any training, so nothing is lost
+        raise ImportError(f"TensorBoard logging needs tensorboardX ({e}): install it, or pass "
+                          "--config.tensorboard=False (the JSON-lines metrics stay)") from e
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, stream: str, step: int, record: dict) -> None:
