@@ -185,9 +185,11 @@ def load_all(root: str) -> SliceSet:
   """Every slice read straight from the TIFF files (`data.tfds_dir=""`: no TFDS copy, nothing
   written), sorted by (patient, slice number), in the layout `to_training_layout` gives; the
   same arrays as `tfds_lgg.load_all`, with the same checks (`read_slice`)."""
+  from tqdm import tqdm
   files = scan(root)
   images = np.empty((len(files),) + IMAGE_SHAPE, np.uint8)
   masks = np.empty((len(files),) + MASK_SHAPE, np.uint8)
-  for i, slice_files in enumerate(files):
+  # ~5 ms a slice: the full 3,929 take about 20 s, worth a progress bar.
+  for i, slice_files in enumerate(tqdm(files, desc="reading TIFFs", unit="slice", leave=False)):
     images[i], masks[i] = to_training_layout(*read_slice(slice_files))
   return SliceSet(images, masks, [f.patient for f in files], [f.name for f in files])
