@@ -103,17 +103,33 @@ def write_tables(rows: list[dict], out: str) -> None:
     f.write("\n".join(lines) + "\n" + notes)
 
 
+def _compact(v: float) -> str:
+  """50000 -> "50k", 2e7 -> "20M"."""
+  for scale, unit in ((1e6, "M"), (1e3, "k")):
+    if v >= scale:
+      return f"{v / scale:g}{unit}"
+  return f"{v:g}"
+
+
 def figure2(rows: list[dict], names: list[str], path: str) -> None:
   """Dice against parameter count, log x-axis, one labelled point per run."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r, name in zip(rows, names):
     ax.scatter(r["params"], r["dice_paper"], s=30)
     ax.annotate(name, (r["params"], r["dice_paper"]), textcoords="offset points",
                 xytext=(4, 4), fontsize=8)
   ax.set_xscale("log")
+  # Labels at 1x, 2x and 5x each power of ten, compact ("50k", "10M"): matplotlib's default minor
+  # labels collide when the runs span one or two decades.
+  ticks = matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0))
+  ax.xaxis.set_major_locator(ticks)
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _compact(v)))
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.margins(x=0.12)   # room for the rightmost point's label
   ax.set_xlabel("parameters")
   ax.set_ylabel("test Dice (paper metric)")
   ax.set_title("Dice against model size")
@@ -165,7 +181,8 @@ def figure3(run_dirs: list[str], names: list[str], path: str) -> bool:
       axes[i, c].set_axis_off()
       if i == 0:
         axes[i, c].set_title(title, fontsize=7)
-    axes[i, 0].text(0, -4, s, fontsize=5)
+    # Below the input image: above it the name would run into the column titles.
+    axes[i, 0].text(0, rgb.shape[0] + 4, s, fontsize=5, va="top")
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
