@@ -111,6 +111,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   return _per_data_shard(scan, (u, delta, A, B, C, D, z, delta_bias), _FWD_ROWS)
 
 
+def _arrays_only(fn, args):
+  """(g, present): g takes only the non-None `args` (at indices `present`), as shard_map and
+  pure_callback need, and calls fn with the None arguments put back in their places."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def g(*arrays):
+    full = [None] * len(args)
+    for i, a in zip(present, arrays):
+      full[i] = a
+    return fn(*full)
+  return g, present
+
+
 def _per_data_shard(fn, args, rows):
   """fn(*args) -> (y, last), on each device's batch rows when the context mesh has a "data" axis
   that divides the batch (`rows`: which arguments are per batch row); else one plain call."""
@@ -120,14 +133,7 @@ def _per_data_shard(fn, args, rows):
   shards = mesh.shape[DATA_AXIS]
   if shards == 1 or args[0].shape[0] % shards:
     return fn(*args)
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def local(*xs):
-    full = [None] * len(args)
-    for i, x in zip(present, xs):
-      full[i] = x
-    return fn(*full)
-
+  local, present = _arrays_only(fn, args)
   # check_vma=False: the custom_vjp inside carries no varying-axis types; the transpose then sums
   # the cotangents of the shared arguments (A, D, delta_bias) over the data axis, as it must.
   return jax.shard_map(local, in_specs=tuple(P(DATA_AXIS) if rows[i] else P() for i in present),
@@ -329,20 +335,17 @@ _INTERPRET_LOCK = threading.Lock()
 
 def _host_call(fn, out_shapes, *args):
   """pure_callback around a torch function; None arguments and results pass through."""
-  present = [i for i, a in enumerate(args) if a is not None]
   shapes = [s for s in out_shapes if s is not None]
 
-  def host(*arrays):
-    full = [None] * len(args)
-    for i, a in zip(present, arrays):
-      full[i] = _to_torch(a)
+  def host(*full):
     # Triton's interpreter keeps the launch grid in global state: devices sharing this process
     # (fake CPU devices under a mesh) call back from several threads, so one launch at a time.
     with _INTERPRET_LOCK:
-      outs = [o for o in fn(*full) if o is not None]
+      outs = [o for o in fn(*map(_to_torch, full)) if o is not None]
     return tuple(np.asarray(o.float().numpy()).astype(s.dtype) for o, s in zip(outs, shapes))
 
-  flat = jax.pure_callback(host, tuple(shapes), *[args[i] for i in present])
+  callback, present = _arrays_only(host, args)
+  flat = jax.pure_callback(callback, tuple(shapes), *[args[i] for i in present])
   it = iter(flat)
   return tuple(None if s is None else next(it) for s in out_shapes)
 
