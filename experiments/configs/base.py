@@ -168,7 +168,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.dir = ""
   c.max_steps = 4
   small = {"enabled": True, "batch_size": 2, "eval_batch_size": 4, "num_epochs": 2,
-           "max_steps": 4,
+           "max_steps": c.max_steps,
            "data": {"synthetic": {"num_patients": 5, "slices_per_patient": 4, "image_size": 64}}}
   c.synthetic_run.update(small)
   if c.train_image_size:
