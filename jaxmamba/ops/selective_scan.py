@@ -13,10 +13,13 @@ Implementations (`impl=`):
   chunked      lax.scan over chunks of L, an associative scan inside each chunk, the chunk body
                rematerialised so memory stays O(batch*dim*L) (plus one state per chunk).
   triton       the fused GPU kernel in kernels/selective_scan_triton.py (GPU only).
-  auto         triton on a GPU when it is available and supports the call, else chunked; on the
-               CPU the sequential lax.scan (reference) is fastest (kernels/RESULTS.md), so there.
+  auto         triton on a GPU when it is available and supports the call, else chunked with a
+               warning (once per process) that says why; on the CPU the sequential lax.scan
+               (reference) is fastest (kernels/RESULTS.md), so there.
 """
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -194,17 +197,33 @@ def _scan_chunked(u, delta, A, B, C, chunk):
 # ------------------------------------------------------------------------------------------------
 
 
-def _default_impl():
+_FALLBACK_WARNED = False
+
+
+def _warn_fallback(reason):
+  """impl="auto" on a GPU that does not get the Triton kernel: say so (once per process)."""
+  global _FALLBACK_WARNED
+  if not _FALLBACK_WARNED:
+    _FALLBACK_WARNED = True
+    warnings.warn(f"selective_scan(impl='auto') on a GPU runs 'chunked', not the Triton kernel: "
+                  f"{reason}", RuntimeWarning, stacklevel=3)
+
+
+def _auto_impl(u, delta, A, B, C, D, z, delta_bias):
   backend = jax.default_backend()
   if backend == "cpu":
     # Measured (kernels/RESULTS.md): lax.scan beats both parallel scans on the CPU, forward and
     # forward+backward (e.g. 0.77 s vs 1.06 s for chunked(32) at (4, 1024, 256, 16) fwd+bwd).
     return "reference"
-  if backend == "gpu":
-    from jaxmamba.ops import triton_dispatch  # noqa: PLC0415  (lazy: GPU only)
-    if triton_dispatch.available():
-      return "triton"
-  return "chunked"
+  if backend != "gpu":
+    return "chunked"
+  from jaxmamba.ops import triton_dispatch  # noqa: PLC0415  (lazy: GPU only)
+  reason = (triton_dispatch.unavailable_reason()
+            or triton_dispatch.support_reason(u, delta, A, B, C, D, z, delta_bias))
+  if reason is not None:
+    _warn_fallback(reason)
+    return "chunked"
+  return "triton"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -220,11 +239,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   if not (isinstance(chunk_size, int) and chunk_size >= 1):
     raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
   if impl == "auto":
-    impl = _default_impl()
-    if impl == "triton":
-      from jaxmamba.ops import triton_dispatch  # noqa: PLC0415
-      if not triton_dispatch.supports(u, delta, A, B, C, D, z, delta_bias):
-        impl = "chunked"
+    impl = _auto_impl(u, delta, A, B, C, D, z, delta_bias)
   if impl == "triton":
     from jaxmamba.ops import triton_dispatch  # noqa: PLC0415
     y, last = triton_dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

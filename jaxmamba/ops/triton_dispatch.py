@@ -48,16 +48,30 @@ def _kernels():
   return selective_scan_triton
 
 
-def available() -> bool:
-  """True when jax runs on a GPU and jax_triton imports.  Never raises."""
+def unavailable_reason():
+  """Why the kernels cannot run in this process (not a GPU backend, jax_triton missing or failing
+  to import, triton failing to import), or None when they can.  Never raises."""
   try:
-    if jax.default_backend() != "gpu":
-      return False
+    backend = jax.default_backend()
+    if backend != "gpu":
+      return f"jax runs on {backend!r}, not a GPU"
+  except Exception as e:  # noqa: BLE001  (the reason is the answer)
+    return f"jax.default_backend() failed: {type(e).__name__}: {e}"
+  try:
     import jax_triton  # noqa: F401, PLC0415
+  except Exception as e:  # noqa: BLE001
+    return f"jax_triton does not import: {type(e).__name__}: {e}"
+  try:
     _kernels()
-    return True
-  except Exception:  # noqa: BLE001  (any failure means: not available)
-    return False
+  except Exception as e:  # noqa: BLE001
+    return f"the Triton kernels do not import: {type(e).__name__}: {e}"
+  return None
+
+
+def available() -> bool:
+  """True when jax runs on a GPU and jax_triton imports (`unavailable_reason` says why not).
+  Never raises."""
+  return unavailable_reason() is None
 
 
 def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
@@ -81,13 +95,18 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
   return None
 
 
-def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> bool:
-  """Whether the kernels handle these shapes and dtypes (so impl="auto" can fall back).  Never
-  raises."""
+def support_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+  """`unsupported_reason`, with any unexpected failure turned into the reason.  Never raises."""
   try:
-    return unsupported_reason(u, delta, A, B, C, D, z, delta_bias) is None
-  except Exception:  # noqa: BLE001
-    return False
+    return unsupported_reason(u, delta, A, B, C, D, z, delta_bias)
+  except Exception as e:  # noqa: BLE001
+    return f"checking the call failed: {type(e).__name__}: {e}"
+
+
+def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> bool:
+  """Whether the kernels handle these shapes and dtypes (so impl="auto" can fall back;
+  `support_reason` says why not).  Never raises."""
+  return support_reason(u, delta, A, B, C, D, z, delta_bias) is None
 
 
 def _reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
