@@ -32,23 +32,21 @@ Backward (3 launches), with g_t = dL/dh_t = a_{t+1} g_{t+1} + C_t dy_t (a revers
      sums that the caller sums (deterministic, and exact per batch row, which lets vmap fold
      into the batch).
 
-The launch helpers at the bottom run the kernels on torch tensors (GPU, or the CPU under
-TRITON_INTERPRET=1, which must be set before triton is imported).
+The six launches (grids, argument order, outputs, constexprs) are described once, in
+kernels/launch_plan.py, which both the JAX binding and the torch helpers at the bottom execute
+(torch: a GPU, or the CPU under TRITON_INTERPRET=1, which must be set before triton is imported).
 """
 from __future__ import annotations
-
-import math
 
 import triton
 import triton.language as tl
 
+from kernels import launch_plan
+from kernels.launch_plan import DEFAULT_BLOCK_D, DEFAULT_CHUNK, NUM_WARPS
+
 # Globals read inside kernels must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus: identity above this
-DEFAULT_BLOCK_D = 16
-DEFAULT_CHUNK = 64
-CHAIN_BLOCK = 256
-NUM_WARPS = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,126 +310,49 @@ def _bwd_grads(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
 
 
 # ------------------------------------------------------------------------------------------------
-# Launch plans (shared with the JAX binding) and torch launch helpers.
+# Torch launch helpers: the launch plan (kernels/launch_plan.py) run on torch tensors.
+
+_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _pow2_at_most(n):
-  return 1 << (max(1, n).bit_length() - 1)
-
-
-def plan(dim, length, groups, block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK):
-  """(BLOCK_D, CHUNK, nchunks, d-blocks) for a call: tiles are powers of two; a channel block
-  never straddles a B/C group."""
-  if block_d < 1 or block_d & (block_d - 1) or chunk < 16 or chunk & (chunk - 1):
-    raise ValueError(f"block_d must be a power of two and chunk one >= 16, got {block_d}, {chunk}")
-  per_group = dim // groups
-  if groups == 1:
-    bd = min(block_d, max(2, triton.next_power_of_2(dim)))
-  else:
-    bd = min(block_d, per_group & -per_group)    # the largest power of two dividing per_group
-  t = min(chunk, max(16, triton.next_power_of_2(length)))
-  return bd, t, math.ceil(length / t), math.ceil(dim / bd)
-
-
-def _flags(D, z, delta_bias, delta_softplus):
-  return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-              SOFTPLUS=bool(delta_softplus))
-
-
-def aligned(length):
-  """The ALIGNED constexpr: whether rows of length L start on 16-element boundaries."""
-  return length % 16 == 0
+def _specs(*arrays):
+  return {name: None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))
+          for name, x in zip(_NAMES, arrays)}
 
 
 def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-            block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK):
+            block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK, num_warps=NUM_WARPS):
   """Torch launch: returns (y in u's dtype, last state (b, dim, N) fp32, H (b, chunks, dim, N))."""
-  import torch  # noqa: PLC0415
-
-  if B.ndim == 3:
-    B, C = B.unsqueeze(1), C.unsqueeze(1)
-  u, delta, A, B, C = (x.contiguous() for x in (u, delta, A, B, C))
-  batch, dim, length = u.shape
-  groups, nstate = B.shape[1], A.shape[1]
-  bd, t, nc, ndb = plan(dim, length, groups, block_d, chunk)
-  f32 = dict(dtype=torch.float32, device=u.device)
-  dummy = torch.zeros(1, **f32)
-  flags = _flags(D, z, delta_bias, delta_softplus)
-  D_, z_, bias_ = (dummy if x is None else x.contiguous() for x in (D, z, delta_bias))
-  P = torch.empty(batch, nc, dim, nstate, **f32)
-  S = torch.empty_like(P)
-  H = torch.empty_like(P)
-  last = torch.empty(batch, dim, nstate, **f32)
-  y = torch.empty_like(u)
-  grid = (nc, ndb, batch)
-  _fwd_chunk_summary[grid](u, delta, A, B, bias_, length, dim, nc, groups, P, S,
-                           N=nstate, BLOCK_D=bd, CHUNK=t,
-                           ALIGNED=aligned(length), HAS_BIAS=flags["HAS_BIAS"],
-                           SOFTPLUS=flags["SOFTPLUS"], num_warps=NUM_WARPS)
-  width = dim * nstate
-  _chain_chunks[(triton.cdiv(width, CHAIN_BLOCK), batch)](
-      P, S, torch.zeros(batch, width, **f32), nc, width, H, last, BLOCK=CHAIN_BLOCK, REVERSE=False)
-  _fwd_output[grid](u, delta, A, B, C, D_, z_, bias_, H, length, dim, nc, groups, y,
-                    N=nstate, BLOCK_D=bd, CHUNK=t,
-                    ALIGNED=aligned(length), num_warps=NUM_WARPS, **flags)
-  return y, last, H
+  arrays = (u, delta, A, B, C, D, z, delta_bias)
+  p = launch_plan.forward_plan(_specs(*arrays), delta_softplus, block_d, chunk, num_warps)
+  return launch_plan.run_torch(p, dict(zip(_NAMES, arrays)))
 
 
 def backward_parts(dout, dlast, H, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                   delta_softplus=False, block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK):
+                   delta_softplus=False, block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK,
+                   num_warps=NUM_WARPS):
   """Torch launch of the backward, per batch row: (du, ddelta, dz, dB, dC (b, G, N, L) fp32,
   dA (b, chunks, dim, N), dD, ddelta_bias (b, chunks, dim) partial sums); None for absent
   optional inputs; dlast may be None."""
   import torch  # noqa: PLC0415
 
-  if B.ndim == 3:
-    B, C = B.unsqueeze(1), C.unsqueeze(1)
-  u, delta, A, B, C, dout = (x.contiguous() for x in (u, delta, A, B, C, dout))
-  batch, dim, length = u.shape
-  groups, nstate = B.shape[1], A.shape[1]
-  bd, t, nc, ndb = plan(dim, length, groups, block_d, chunk)
-  f32 = dict(dtype=torch.float32, device=u.device)
-  dummy = torch.zeros(1, **f32)
-  flags = _flags(D, z, delta_bias, delta_softplus)
-  D_, z_, bias_ = (dummy if x is None else x.contiguous() for x in (D, z, delta_bias))
-  grid = (nc, ndb, batch)
-  Q = torch.empty(batch, nc, dim, nstate, **f32)
-  Gloc, Gin = torch.empty_like(Q), torch.empty_like(Q)
-  _bwd_chunk_summary[grid](delta, A, C, z_, bias_, dout, length, dim, nc, groups, Q, Gloc,
-                           N=nstate, BLOCK_D=bd, CHUNK=t,
-                           ALIGNED=aligned(length), HAS_Z=flags["HAS_Z"],
-                           HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=flags["SOFTPLUS"],
-                           num_warps=NUM_WARPS)
-  width = dim * nstate
-  init = (torch.zeros(batch, width, **f32) if dlast is None
-          else dlast.to(torch.float32).reshape(batch, width).contiguous())
-  _chain_chunks[(triton.cdiv(width, CHAIN_BLOCK), batch)](
-      Q, Gloc, init, nc, width, Gin, torch.empty(batch, width, **f32), BLOCK=CHAIN_BLOCK,
-      REVERSE=True)
-  du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-  dz = torch.empty_like(z) if z is not None else dummy
-  dB = torch.zeros(B.shape, **f32)
-  dC = torch.zeros(C.shape, **f32)
-  dA_part = torch.empty(batch, nc, dim, nstate, **f32)
-  dD_part = torch.empty(batch, nc, dim, **f32)
-  dbias_part = torch.empty(batch, nc, dim, **f32)
-  _bwd_grads[grid](u, delta, A, B, C, D_, z_, bias_, dout, H, Gin, length, dim, nc, groups,
-                   du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part,
-                   N=nstate, BLOCK_D=bd, CHUNK=t,
-                   ALIGNED=aligned(length), num_warps=NUM_WARPS, **flags)
-  return (du, ddelta, dz if z is not None else None, dB, dC, dA_part,
-          dD_part if D is not None else None, dbias_part if delta_bias is not None else None)
+  arrays = (u, delta, A, B, C, D, z, delta_bias)
+  p = launch_plan.backward_plan(_specs(*arrays), delta_softplus, block_d, chunk, num_warps)
+  if dlast is None:
+    dlast = torch.zeros(p.inputs["dlast"].shape, dtype=torch.float32, device=u.device)
+  return launch_plan.run_torch(p, dict(zip(_NAMES, arrays), dy=dout, H=H,
+                                       dlast=dlast.to(torch.float32)))
 
 
 def backward(dout, dlast, H, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-             delta_softplus=False, block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK):
+             delta_softplus=False, block_d=DEFAULT_BLOCK_D, chunk=DEFAULT_CHUNK,
+             num_warps=NUM_WARPS):
   """Torch launch: gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the inputs' layouts
   and dtypes, None for absent optional inputs; dlast may be None."""
   du, ddelta, dz, dB, dC, dA, dD, dbias = backward_parts(
-      dout, dlast, H, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_d, chunk)
-  if B.ndim == 3:
-    dB, dC = dB[:, 0], dC[:, 0]
-  dB, dC = dB.to(B.dtype), dC.to(C.dtype)
+      dout, dlast, H, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_d, chunk,
+      num_warps)
+  dB, dC = dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype)
   dA = dA.sum((0, 1)).to(A.dtype)
   dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
   dbias = dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None

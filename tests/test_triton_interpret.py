@@ -6,9 +6,10 @@ files sharing this pytest process, so each check runs in a fresh subprocess (a s
   * the kernels' torch launch helpers against mamba_ssm's `selective_scan_ref` and torch autograd
     (an independent oracle): y, last state and every gradient, incl. the last state's cotangent,
     prime L, L = 1, dim not a multiple of the channel block, grouped B/C;
-  * the JAX binding (jaxmamba.ops.triton_dispatch, its "interpret" backend: same kernels through
-    jax.pure_callback) against impl="reference": custom_vjp under jit, vmap folded into the batch,
-    vmap over A (one call per element), vmap of grad.
+  * the JAX binding (jaxmamba.ops.triton_dispatch, its "interpret" backend: the same launch plan
+    as on a GPU, through jax.pure_callback) against impl="reference": custom_vjp under jit, vmap
+    folded into the batch, vmap over A (one call per element), vmap of grad, bfloat16 inputs
+    end to end, and per-device rows under a data mesh.
 """
 import os
 import pathlib
@@ -131,7 +132,7 @@ SHARDED_SCRIPT = BINDING_PRELUDE + """
 
   # Record the batch each kernel launch sees (shapes are static: recorded while tracing).
   seen = []
-  for name in ("_interpret_forward", "_interpret_backward"):
+  for name in ("_triton_forward", "_triton_backward"):
     orig = getattr(td, name)
     def spy(*a, _orig=orig, _name=name):
       seen.append((_name, a[0].shape[0]))
@@ -155,7 +156,7 @@ SHARDED_SCRIPT = BINDING_PRELUDE + """
   with jax.set_mesh(mesh):
     got = step(*placed)
   assert seen and all(rows_seen == b // 4 for _, rows_seen in seen), seen  # per-device rows
-  assert {k for k, _ in seen} == {"_interpret_forward", "_interpret_backward"}, seen
+  assert {k for k, _ in seen} == {"_triton_forward", "_triton_backward"}, seen
   want = jax.value_and_grad(loss(td._reference), argnums=tuple(range(8)))(*args)
   close(got[0], want[0], "value")
   for name, g, r in zip("u delta A B C D z bias".split(), got[1], want[1]):
@@ -167,6 +168,59 @@ SHARDED_SCRIPT = BINDING_PRELUDE + """
   assert [r for _, r in seen] == [b], seen
   print("ALL OK")
 """
+
+
+BF16_SCRIPT = BINDING_PRELUDE + """
+  import numpy as np
+  from kernels import launch_plan
+  # Record the dtypes the torch launches receive: bfloat16 must reach the kernels as bfloat16.
+  seen = []
+  orig = launch_plan.run_torch
+  def spy(plan, arrays):
+    seen.append({k: str(v.dtype) for k, v in arrays.items()})
+    return orig(plan, arrays)
+  launch_plan.run_torch = spy
+
+  bf = jnp.bfloat16
+  u, delta, A, B, C, D, z, bias = make_args(3, b=2, d=5, L=37, N=3)
+  # Mamba's mixed precision: activations and B/C in bfloat16, A, D and delta_bias in float32.
+  args = (u.astype(bf), delta.astype(bf), A, B.astype(bf), C.astype(bf), D, z.astype(bf), bias)
+  as32 = [a.astype(jnp.float32) for a in args]
+  w = jnp.cos(jnp.arange(u.shape[-1]))
+
+  def loss(fn, *a):
+    y, last = fn(*a, delta_softplus=True)
+    return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(last ** 2), (y, last)
+
+  grad = lambda fn: jax.grad(lambda *a: loss(fn, *a), argnums=tuple(range(8)), has_aux=True)
+  got_g, (got_y, got_last) = jax.jit(grad(td.selective_scan))(*args)
+  want_g, (want_y, want_last) = grad(td._reference)(*as32)   # float32 on the same values
+  assert got_y.dtype == bf and got_last.dtype == jnp.float32, (got_y.dtype, got_last.dtype)
+  assert seen and all(s["u"] == "torch.bfloat16" and s["B"] == "torch.bfloat16"
+                      and s["A"] == "torch.float32" for s in seen), seen
+  assert any(s.get("dy") == "torch.bfloat16" for s in seen), seen   # the backward too
+
+  # mamba_ssm's bfloat16 tolerances (tests/ops/test_selective_scan.py): rtol 3e-2, atol 5e-2,
+  # doubled for du.
+  def allclose(got, want, name, scale=1):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    ok = np.allclose(got, want, rtol=3e-2 * scale, atol=5e-2 * scale)
+    assert ok, (name, float(np.max(np.abs(got - want))), float(np.max(np.abs(want))))
+  allclose(got_y, want_y, "y")
+  allclose(got_last, want_last, "last")
+  for name, g, r, a in zip("u delta A B C D z bias".split(), got_g, want_g, args):
+    assert g.dtype == a.dtype and g.shape == a.shape, (name, g.dtype, a.dtype)
+    allclose(g, r, "d" + name, 2 if name == "u" else 1)
+  print("ALL OK")
+"""
+
+
+@pytest.mark.slow
+def test_jax_binding_runs_bfloat16_through_the_kernels():
+  """bfloat16 inputs reach the kernels as bfloat16 (cast inside, as on a GPU); y and every
+  gradient come back in the inputs' dtypes and match the float32 reference at mamba_ssm's bf16
+  tolerances."""
+  _run(BF16_SCRIPT)
 
 
 @pytest.mark.slow

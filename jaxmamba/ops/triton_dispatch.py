@@ -15,9 +15,10 @@ per-(row, chunk) partials that plain JAX sums), so:
 
 `jax_triton` is imported inside functions only: it raises ImportError on a CPU-only jax.
 
-Launch backends (`_BACKEND`): "jax_triton" (GPU) or "interpret", which runs the same kernels on
-the CPU through `jax.pure_callback` and torch under TRITON_INTERPRET=1 -- used by the CPU tests to
-exercise this module's custom_vjp / vmap plumbing with the real kernels.
+Both passes are launch plans (kernels/launch_plan.py), run by one of two backends (`_BACKEND`):
+"jax_triton" (GPU) or "interpret", which runs the same plan on the CPU through
+`jax.pure_callback` and torch under TRITON_INTERPRET=1, in the inputs' dtypes -- used by the CPU
+tests to exercise this module's custom_vjp / vmap plumbing with the real kernels.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from jaxmamba.ops import selective_scan as _ss
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_STATE = 64           # N is unrolled inside the kernels
 MAX_GRID_YZ = 65535      # CUDA's limit on grid dims 2 and 3 (d-blocks, batch)
-BLOCK_D = 16
+BLOCK_D = 16             # the launch configuration (kernels/launch_plan.py; NOTES.md's sweep)
 CHUNK = 64
+NUM_WARPS = 4
 
 DATA_AXIS = "data"       # the mesh axis the batch is split over (jaxmamba.train's mesh)
 
@@ -46,6 +48,11 @@ _COMPUTE_CAPABILITY = None  # None: ask the device; tests that only lower set e.
 def _kernels():
   from kernels import selective_scan_triton  # noqa: PLC0415  (imports triton)
   return selective_scan_triton
+
+
+def _launch_plan():
+  from kernels import launch_plan  # noqa: PLC0415  (plain Python)
+  return launch_plan
 
 
 def unavailable_reason():
@@ -89,7 +96,7 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     return f"N={nstate} > {MAX_STATE} states"
   if batch > MAX_GRID_YZ:
     return f"batch={batch} > {MAX_GRID_YZ}"
-  bd, _, _, ndb = _kernels().plan(dim, length, groups, BLOCK_D, CHUNK)
+  bd, _, _, ndb = _launch_plan().tiles(dim, length, groups, BLOCK_D, CHUNK)
   if ndb > MAX_GRID_YZ:
     return f"dim={dim} needs {ndb} channel blocks of {bd} > {MAX_GRID_YZ}"
   return None
@@ -125,7 +132,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   if _BACKEND == "jax_triton" and _COMPUTE_CAPABILITY is None and not available():
     raise RuntimeError("selective_scan(impl='triton') needs jax on a GPU and jax_triton "
                        "importable; use impl='auto' or 'chunked' elsewhere")
-  softplus, cfg = bool(delta_softplus), (BLOCK_D, CHUNK)
+  softplus, cfg = bool(delta_softplus), (BLOCK_D, CHUNK, NUM_WARPS)
   scan = lambda *a: _scan(*a, softplus, cfg)   # noqa: E731
   return _per_data_shard(scan, (u, delta, A, B, C, D, z, delta_bias), _FWD_ROWS)
 
@@ -237,8 +244,6 @@ def _fold_rule(fn, rows):
 @functools.cache
 def _launch_forward(softplus, cfg):
   def call(u, delta, A, B, C, D, z, delta_bias):
-    if _BACKEND == "interpret":
-      return _interpret_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg)
     return _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg)
 
   fn = jax.custom_batching.custom_vmap(call)
@@ -249,148 +254,77 @@ def _launch_forward(softplus, cfg):
 @functools.cache
 def _launch_backward(softplus, cfg):
   def call(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias):
-    args = (dy, dlast, H, u, delta, A, B, C, D, z, delta_bias)
-    if _BACKEND == "interpret":
-      return _interpret_backward(*args, softplus, cfg)
-    return _triton_backward(*args, softplus, cfg)
+    return _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus, cfg)
 
   fn = jax.custom_batching.custom_vmap(call)
   fn.def_vmap(_fold_rule(fn, _BWD_ROWS))
   return fn
 
 
-def _shapes(u, A, B, cfg):
-  batch, dim, length = u.shape
-  groups, nstate = B.shape[1], A.shape[1]
-  bd, t, nc, ndb = _kernels().plan(dim, length, groups, *cfg)
-  return batch, dim, length, groups, nstate, bd, t, nc, ndb
+_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _flags(D, z, delta_bias, softplus):
-  return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-              SOFTPLUS=softplus)
+def _plan_arrays(u, delta, A, B, C, D, z, delta_bias, **extra):
+  """(specs for kernels.launch_plan, name -> array) of a call."""
+  arrays = dict(zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias)), **extra)
+  specs = {name: None if arrays[name] is None else (arrays[name].shape,
+                                                    jnp.dtype(arrays[name].dtype).name)
+           for name in _NAMES}
+  return specs, arrays
 
 
-def _f32(shape):
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
-def _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg):
-  """What both passes' launches share: kernels, shapes, optional inputs (a dummy where absent, the
-  kernel's HAS_* flag says so) and launch options."""
-  K = _kernels()
-  dummy = jnp.zeros((1,), jnp.float32)
-  optional = tuple(dummy if x is None else x for x in (D, z, delta_bias))
-  common = dict(num_warps=K.NUM_WARPS, compute_capability=_COMPUTE_CAPABILITY)
-  return K, _shapes(u, A, B, cfg), optional, _flags(D, z, delta_bias, softplus), common
+def _execute(plan, arrays):
+  if _BACKEND == "interpret":
+    return _interpret(plan, arrays)
+  return _launch_plan().run_jax_triton(plan, arrays, _COMPUTE_CAPABILITY)
 
 
 def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
-  import jax_triton as jt  # noqa: PLC0415
-  K, (batch, dim, length, groups, nstate, bd, t, nc, ndb), (D_, z_, bias_), flags, common = \
-      _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg)
-  grid = (nc, ndb, batch)
-  states = _f32((batch, nc, dim, nstate))
-  P, S = jt.triton_call(
-      u, delta, A, B, bias_, length, dim, nc, groups, kernel=K._fwd_chunk_summary,
-      out_shape=[states, states], grid=grid, N=nstate, BLOCK_D=bd, CHUNK=t,
-      ALIGNED=K.aligned(length),
-      HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, **common)
-  width = dim * nstate
-  H, last = jt.triton_call(
-      P, S, jnp.zeros((batch, width), jnp.float32), nc, width, kernel=K._chain_chunks,
-      out_shape=[states, _f32((batch, dim, nstate))],
-      grid=(-(-width // K.CHAIN_BLOCK), batch), BLOCK=K.CHAIN_BLOCK, REVERSE=False, **common)
-  y = jt.triton_call(
-      u, delta, A, B, C, D_, z_, bias_, H, length, dim, nc, groups, kernel=K._fwd_output,
-      out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), grid=grid, N=nstate, BLOCK_D=bd,
-      CHUNK=t, ALIGNED=K.aligned(length), **flags, **common)
-  return y, last, H
+  specs, arrays = _plan_arrays(u, delta, A, B, C, D, z, delta_bias)
+  return _execute(_launch_plan().forward_plan(specs, softplus, *cfg), arrays)
 
 
 def _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
-  import jax_triton as jt  # noqa: PLC0415
-  K, (batch, dim, length, groups, nstate, bd, t, nc, ndb), (D_, z_, bias_), flags, common = \
-      _launch_setup(u, A, B, D, z, delta_bias, softplus, cfg)
-  grid = (nc, ndb, batch)
-  states = _f32((batch, nc, dim, nstate))
-  Q, Gloc = jt.triton_call(
-      delta, A, C, z_, bias_, dy, length, dim, nc, groups, kernel=K._bwd_chunk_summary,
-      out_shape=[states, states], grid=grid, N=nstate, BLOCK_D=bd, CHUNK=t,
-      ALIGNED=K.aligned(length),
-      HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, **common)
-  width = dim * nstate
-  Gin, _ = jt.triton_call(
-      Q, Gloc, dlast.reshape(batch, width), nc, width, kernel=K._chain_chunks,
-      out_shape=[states, _f32((batch, width))],
-      grid=(-(-width // K.CHAIN_BLOCK), batch), BLOCK=K.CHAIN_BLOCK, REVERSE=True, **common)
-  partial = _f32((batch, nc, dim))
-  out_shape = [
-      jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-      jax.ShapeDtypeStruct(z.shape, z.dtype) if z is not None else _f32((1,)),
-      _f32(B.shape), _f32(C.shape), states,
-      partial if D is not None else _f32((1,)),
-      partial if delta_bias is not None else _f32((1,)),
-  ]
-  du, ddelta, dz, dB, dC, dA, dD, dbias = jt.triton_call(
-      u, delta, A, B, C, D_, z_, bias_, dy, H, Gin, length, dim, nc, groups,
-      kernel=K._bwd_grads, out_shape=out_shape, grid=grid, zeroed_outputs=(3, 4),
-      N=nstate, BLOCK_D=bd, CHUNK=t, ALIGNED=K.aligned(length), **flags, **common)
-  return (du, ddelta, dz if z is not None else None, dB, dC, dA,
-          dD if D is not None else None, dbias if delta_bias is not None else None)
+  specs, arrays = _plan_arrays(u, delta, A, B, C, D, z, delta_bias, dy=dy, dlast=dlast, H=H)
+  return _execute(_launch_plan().backward_plan(specs, softplus, *cfg), arrays)
 
 
 # ------------------------------------------------------------------------------------------------
-# The "interpret" backend: the same kernels on the CPU (TRITON_INTERPRET=1) via torch.
+# The "interpret" backend: the same plan on the CPU (TRITON_INTERPRET=1), on torch tensors of the
+# same dtypes (bfloat16 included: the kernels do the casts, as on a GPU).
 
 
 def _to_torch(x):
   import torch  # noqa: PLC0415
-  return None if x is None else torch.from_numpy(np.asarray(x, np.float32).copy())
+  x = np.ascontiguousarray(x)
+  if x.dtype == jnp.bfloat16:        # numpy has no bfloat16 of its own: move the bits
+    return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+  return torch.from_numpy(x.copy())
+
+
+def _to_numpy(t, dtype):
+  import torch  # noqa: PLC0415
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(jnp.bfloat16).astype(dtype)
+  return t.numpy().astype(dtype)
 
 
 _INTERPRET_LOCK = threading.Lock()
 
 
-def _host_call(fn, out_shapes, *args):
-  """pure_callback around a torch function; None arguments and results pass through."""
-  shapes = [s for s in out_shapes if s is not None]
+def _interpret(plan, arrays):
+  """The plan through jax.pure_callback and launch_plan.run_torch."""
+  names = list(plan.inputs)
+  outputs = plan.result_outputs()
+  shapes = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outputs if o is not None)
 
-  def host(*full):
+  def host(*values):
     # Triton's interpreter keeps the launch grid in global state: devices sharing this process
     # (fake CPU devices under a mesh) call back from several threads, so one launch at a time.
     with _INTERPRET_LOCK:
-      outs = [o for o in fn(*map(_to_torch, full)) if o is not None]
-    return tuple(np.asarray(o.float().numpy()).astype(s.dtype) for o, s in zip(outs, shapes))
+      outs = _launch_plan().run_torch(plan, dict(zip(names, map(_to_torch, values))))
+    return tuple(_to_numpy(o, s.dtype) for o, s in zip([o for o in outs if o is not None],
+                                                       shapes))
 
-  callback, present = _arrays_only(host, args)
-  flat = jax.pure_callback(callback, tuple(shapes), *[args[i] for i in present])
-  it = iter(flat)
-  return tuple(None if s is None else next(it) for s in out_shapes)
-
-
-def _interpret_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
-  K = _kernels()
-  batch, dim, length, groups, nstate, bd, t, nc, ndb = _shapes(u, A, B, cfg)
-  out_shapes = [jax.ShapeDtypeStruct(u.shape, u.dtype), _f32((batch, dim, nstate)),
-                _f32((batch, nc, dim, nstate))]
-
-  def fn(*a):
-    return K.forward(*a, delta_softplus=softplus, block_d=cfg[0], chunk=cfg[1])
-  return _host_call(fn, out_shapes, u, delta, A, B, C, D, z, delta_bias)
-
-
-def _interpret_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
-  K = _kernels()
-  batch, dim, length, groups, nstate, bd, t, nc, ndb = _shapes(u, A, B, cfg)
-  partial = _f32((batch, nc, dim))
-  out_shapes = [jax.ShapeDtypeStruct(u.shape, u.dtype),
-                jax.ShapeDtypeStruct(delta.shape, delta.dtype),
-                None if z is None else jax.ShapeDtypeStruct(z.shape, z.dtype),
-                _f32(B.shape), _f32(C.shape), _f32((batch, nc, dim, nstate)),
-                None if D is None else partial, None if delta_bias is None else partial]
-
-  def fn(dy, dlast, H, *a):
-    return K.backward_parts(dy, dlast, H, *a, delta_softplus=softplus, block_d=cfg[0],
-                            chunk=cfg[1])
-  return _host_call(fn, out_shapes, dy, dlast, H, u, delta, A, B, C, D, z, delta_bias)
+  flat = iter(jax.pure_callback(host, shapes, *[arrays[n] for n in names]))
+  return tuple(None if o is None else next(flat) for o in outputs)
