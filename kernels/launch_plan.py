@@ -14,9 +14,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# The default launch configuration (BLOCK_D, CHUNK, num_warps): the one of SWEEP_CONFIGS with
+# 4 tile elements per thread whose kernels do not spill on sm_80 or sm_90 (ptxas; kernels/NOTES.md)
+# and keep the 16 x 64 tiles; with 4 warps `_bwd_grads` spills.  To be set by the GPU sweep.
 DEFAULT_BLOCK_D = 16
 DEFAULT_CHUNK = 64
-NUM_WARPS = 4
+NUM_WARPS = 8
+DEFAULT_CONFIG = (DEFAULT_BLOCK_D, DEFAULT_CHUNK, NUM_WARPS)
+# The configurations the GPU sweep times (experiments/gpu_all.sh) and `python -m
+# kernels.resources` reports registers and spills for: around the default, one knob at a time.
+SWEEP_CONFIGS = (DEFAULT_CONFIG, (16, 64, 4), (8, 64, 4), (32, 64, 8), (16, 32, 8), (16, 128, 8),
+                 (8, 32, 4))
 CHAIN_BLOCK = 256
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -7,8 +7,9 @@ Layouts are mamba_ssm's (see jaxmamba/ops/selective_scan.py): u, delta, z, y (b,
 A (dim, N); B, C (b, G, N, L) (G = 1 for ungrouped); D, delta_bias (dim,).
 
 Every time-parallel program works on one (BLOCK_D channels x CHUNK steps) tile of one batch row
-and walks the N states in a static loop, so B_n and C_n are loaded once per (batch, step) and
-shared by the channels of the tile; the scan over the tile's time axis is a `tl.associative_scan`
+and walks the N states in a loop, so B_n and C_n are loaded once per (batch, step) and shared by
+the channels of the tile (a run-time loop: unrolled, it let the compiler hoist every state's
+loads, and `_bwd_grads` spilled registers at every tile size -- ptxas, kernels/NOTES.md); the scan over the tile's time axis is a `tl.associative_scan`
 of affine maps (a, b): h -> a*h + b.  exp is exp2 with log2(e) folded into A.
 
 Forward (3 launches):
@@ -33,7 +34,7 @@ Backward (3 launches), with g_t = dL/dh_t = a_{t+1} g_{t+1} + C_t dy_t (a revers
      into the batch).
 
 The six launches (grids, argument order, outputs, constexprs) are described once, in
-kernels/launch_plan.py, which both the JAX binding and the torch helpers at the bottom execute
+kernels/launch_plan.py, which both the JAX binding and the torch launch functions at the bottom run
 (torch: a GPU, or the CPU under TRITON_INTERPRET=1, which must be set before triton is imported).
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's softplus: identity above this
 
 
 # ------------------------------------------------------------------------------------------------
-# Device helpers.
+# Device functions.
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr,
   delta, _ = _delta(delta_ptr, bias_ptr, offs, mask, d_idx, d_mask, HAS_BIAS, SOFTPLUS)
   du = delta * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
   delta_sum = tl.sum(delta, axis=1)
-  for n in tl.static_range(N):
+  for n in range(N):
     A2 = tl.load(A_ptr + d_idx * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
     Bn = tl.load(B_ptr + bc_base + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
     a = tl.exp2(delta * A2[:, None])
@@ -182,7 +183,7 @@ def _fwd_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, H
   du = delta * u
   first = i[None, :] == 0
   y = tl.zeros((BLOCK_D, CHUNK), tl.float32)
-  for n in tl.static_range(N):
+  for n in range(N):
     A2 = tl.load(A_ptr + d_idx * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
     Bn = tl.load(B_ptr + bc_base + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
     Cn = tl.load(C_ptr + bc_base + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
@@ -231,7 +232,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr,
   t_rev, delta_next, dy = _reversed_inputs(delta_ptr, bias_ptr, dout_ptr, z_ptr, row_base, c, i,
                                            d_idx, d_mask, L, CHUNK, HAS_Z, HAS_BIAS, SOFTPLUS)
   next_sum = tl.sum(delta_next, axis=1)
-  for n in tl.static_range(N):
+  for n in range(N):
     A2 = tl.load(A_ptr + d_idx * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
     Cn = tl.load(C_ptr + bc_base + n * L + t_rev, mask=t_rev < L, other=0.0).to(tl.float32)
     a_next = tl.exp2(delta_next * A2[:, None])
@@ -267,7 +268,7 @@ def _bwd_grads(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
   y = tl.zeros((BLOCK_D, CHUNK), tl.float32)         # C.h, for dz
   du_acc = tl.zeros((BLOCK_D, CHUNK), tl.float32)
   ddelta_acc = tl.zeros((BLOCK_D, CHUNK), tl.float32)
-  for n in tl.static_range(N):
+  for n in range(N):
     A = tl.load(A_ptr + d_idx * N + n, mask=d_mask, other=0.0).to(tl.float32)
     A2 = A * LOG2E
     Bn = tl.load(B_ptr + bc_base + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
@@ -310,7 +311,7 @@ def _bwd_grads(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
 
 
 # ------------------------------------------------------------------------------------------------
-# Torch launch helpers: the launch plan (kernels/launch_plan.py) run on torch tensors.
+# Torch launch functions: the launch plan (kernels/launch_plan.py) run on torch tensors.
 
 _NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -31,13 +31,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxmamba.ops import selective_scan as _ss
+from kernels import launch_plan as _launch_plan_defaults  # plain Python (no triton, no jax)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MAX_STATE = 64           # N is unrolled inside the kernels
+MAX_STATE = 64           # the largest N supports() accepts (Mamba uses 16; tested up to 16)
 MAX_GRID_YZ = 65535      # CUDA's limit on grid dims 2 and 3 (d-blocks, batch)
-BLOCK_D = 16             # the launch configuration (kernels/launch_plan.py; NOTES.md's sweep)
-CHUNK = 64
-NUM_WARPS = 4
+# The launch configuration; the kernel benchmark's sweep sets these (kernels/bench.py).
+BLOCK_D, CHUNK, NUM_WARPS = _launch_plan_defaults.DEFAULT_CONFIG
 
 DATA_AXIS = "data"       # the mesh axis the batch is split over (jaxmamba.train's mesh)
 
