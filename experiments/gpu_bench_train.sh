@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# One-shot GPU timing of the train step (issue 7): ours against the authors' PyTorch H100 rates,
-# and the Mamba models with each scan implementation.  Run once, from the repo root, on the
-# device machine (Python 3.12, jax 0.11.2 + CUDA 13, triton 3.6.0, absl, orbax, tqdm; no
-# ml-collections, no jax-triton, no internet).
+# GPU timing of the train step: ours against the authors' PyTorch H100 rates, and the Mamba
+# models with each scan implementation.  On a machine with a CUDA GPU, from the repo root:
 #
-#   carry: .whl   (on the CPU machine, once:
-#                  pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#                      ml-collections==1.1.0 jax-triton==0.3.1)
-#   run:   bash experiments/gpu_bench_train.sh      (timeout_s 540; it budgets itself to ~7.5 min)
+#   OUT=DIR bash experiments/gpu_bench_train.sh     (about 7.7 minutes at most)
 #
+# Needs jax with CUDA, flax, optax, orbax, absl, tqdm and ml-collections; without network access,
+# put an ml-collections (and jax-triton) wheel in ./.whl/ first, e.g. on another machine:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       ml-collections==1.1.0 jax-triton==0.3.1
 # Writes to $OUT: env.txt, compare_authors.md (+ .log), mamba.log.  Every stage has its own
 # timeout and the script carries on past failures.  Record what it prints in kernels/NOTES.md
-# (Mamba rows) and the README (train-step rows), with the card's name.
+# (Mamba rows) and the README (train-step rates), with the card's name.
 # SMOKE=1 shrinks every stage to seconds, to try the script on a CPU.
 OUT_DEFAULT=/tmp/gpu_bench_train_out
 . "$(dirname "$0")/../kernels/gpu_prologue.sh"
@@ -23,7 +22,7 @@ else
   MAMBA_ARGS="--steps=10"
 fi
 
-# Stage budgets in seconds; experiments/gpu_all.sh shrinks them to run both device scripts at once.
+# Stage budgets in seconds; experiments/gpu_all.sh sets them from its total budget.
 COMPARE_S=${COMPARE_S:-330} MAMBA_S=${MAMBA_S:-110}
 
 stage "environment"

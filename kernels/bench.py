@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmamba.ops import selective_scan as ss
+from kernels import launch_plan as LP
 
 GPU_SHAPES = [
     (64, 32, 4096, 16), (16, 1024, 256, 16), (4, 2048, 4096, 16), (8, 2048, 2048, 16),
@@ -141,7 +142,19 @@ def temp_mib(jitted, args):
     return float("nan")
 
 
-def run(mode, impls, shapes, chunks, triton_chunks, dtype, repeats, budget_s=None, log=print):
+def parse_config(text):
+  """BLOCK_D x CHUNK x num_warps, e.g. 16x64x4."""
+  parts = [int(p) for p in text.lower().split("x") if p]
+  if len(parts) != 3 or min(parts) < 1:
+    raise argparse.ArgumentTypeError(f"a Triton config is BLOCK_DxCHUNKxWARPS, got {text!r}")
+  return tuple(parts)
+
+
+def config_name(config):
+  return "x".join(map(str, config))
+
+
+def run(mode, impls, shapes, chunks, triton_configs, dtype, repeats, budget_s=None, log=print):
   """Rows (impl, shape, fwd ms, fwd GB/s, fwd floor fraction, fwd+bwd ms, its floor fraction,
   temp MiB); implementation-major, so a time budget cuts the baselines, not the first impl."""
   bandwidth = copy_bandwidth(mode)
@@ -149,9 +162,10 @@ def run(mode, impls, shapes, chunks, triton_chunks, dtype, repeats, budget_s=Non
   start = time.perf_counter()
   rows = []
   for impl in impls:
-    sizes = chunks if impl == "chunked" else triton_chunks if impl == "triton" else [None]
+    sizes = chunks if impl == "chunked" else triton_configs if impl == "triton" else [None]
     for chunk in sizes:
-      name = f"{impl}({chunk})" if chunk else impl
+      name = (f"{impl}({config_name(chunk)})" if impl == "triton"
+              else f"{impl}({chunk})" if chunk else impl)
       for shape in shapes:
         if impl == "reference" and math.prod(shape) > REFERENCE_MAX_UPDATES:
           continue
@@ -169,7 +183,7 @@ def measure(mode, impl, chunk, name, shape, dtype, repeats, bandwidth, log):
     input_sets = [make_inputs(jax.random.PRNGKey(i), shape, dtype) for i in range(nsets)]
     if impl == "triton":
       from jaxmamba.ops import triton_dispatch  # noqa: PLC0415
-      triton_dispatch.CHUNK = chunk
+      triton_dispatch.BLOCK_D, triton_dispatch.CHUNK, triton_dispatch.NUM_WARPS = chunk
     fwd, fwd_bwd = build(impl, chunk)
     t_f = time_fn(fwd, input_sets, repeats, mode)
     t_fb = time_fn(fwd_bwd, input_sets, repeats, mode)
@@ -199,6 +213,30 @@ def table(rows):
   return "\n".join([head] + [format_row(r) for r in rows])
 
 
+def pick_config(rows, configs):
+  """The Triton config with the lowest geometric-mean fwd+bwd time over the shapes that every
+  config with a full set of rows finished, against the default's (a Markdown line)."""
+  times = {}
+  for row in rows:
+    name, shape, t_fb = row[0], row[1], row[5]
+    if t_fb is not None and name.startswith("triton("):
+      times.setdefault(name[len("triton("):-1], {})[shape] = t_fb
+  shapes = set().union(*times.values()) if times else set()
+  full = [config_name(c) for c in configs if set(times.get(config_name(c), {})) == shapes]
+  partial = [config_name(c) for c in configs if config_name(c) not in full]
+  if not shapes or not full:
+    return "config pick: no configuration finished every shape"
+  geo = {n: math.exp(statistics.fmean(math.log(times[n][s]) for s in shapes)) for n in full}
+  best = min(geo, key=geo.get)
+  default = config_name(LP.DEFAULT_CONFIG)
+  versus = (f"; default {default}: {geo[default] / geo[best]:.2f}x the best"
+            if default in geo else "")
+  ranking = ", ".join(f"{n} {geo[n]:.3f} ms" for n in sorted(geo, key=geo.get))
+  left_out = f"; not every shape finished (left out): {', '.join(partial)}" if partial else ""
+  return (f"config pick (geometric-mean fwd+bwd ms over {len(shapes)} shapes, "
+          f"BLOCK_DxCHUNKxWARPS): **{best}**{versus}. All: {ranking}{left_out}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--mode", choices=("cpu", "gpu"),
@@ -206,7 +244,11 @@ def main(argv=None):
   p.add_argument("--impls", help=f"comma list (gpu: {GPU_IMPLS}; cpu: {CPU_IMPLS})")
   p.add_argument("--shapes", nargs="+", type=parse_shape, help="B,D,L,N ...")
   p.add_argument("--chunks", help=f"chunk sizes for chunked (gpu: {GPU_CHUNKS}; cpu: {CPU_CHUNKS})")
-  p.add_argument("--triton-chunks", default="64", help="CHUNK values for the Triton kernels")
+  p.add_argument("--triton-configs", default="default",
+                 help="Triton launch configurations BLOCK_DxCHUNKxWARPS (comma list), 'default' "
+                 f"({config_name(LP.DEFAULT_CONFIG)}) or 'sweep' (kernels/launch_plan.py's "
+                 "SWEEP_CONFIGS; then the config with the lowest geometric-mean fwd+bwd time "
+                 "is reported)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--budget-s", type=float, help="stop starting new rows after this many seconds")
@@ -218,17 +260,21 @@ def main(argv=None):
   if unknown:
     p.error(f"unknown impls {unknown}; choose from {ss.IMPLS[1:]}")
   chunks = [int(c) for c in (args.chunks or (GPU_CHUNKS if gpu else CPU_CHUNKS)).split(",")]
-  triton_chunks = [int(c) for c in args.triton_chunks.split(",")]
+  triton_configs = ([LP.DEFAULT_CONFIG] if args.triton_configs == "default"
+                    else list(LP.SWEEP_CONFIGS) if args.triton_configs == "sweep"
+                    else [parse_config(c) for c in args.triton_configs.split(",")])
   shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
   repeats = args.repeats or (5 if gpu else 3)
   dtype = jnp.dtype(args.dtype)
   print(f"# selective-scan bench: mode={args.mode} backend={jax.default_backend()} "
         f"devices={jax.devices()} dtype={dtype.name} jax={jax.__version__} "
         f"python={platform.python_version()}", flush=True)
-  bandwidth, rows = run(args.mode, impls, shapes, chunks, triton_chunks, dtype, repeats,
+  bandwidth, rows = run(args.mode, impls, shapes, chunks, triton_configs, dtype, repeats,
                         args.budget_s, log=lambda s: print(s, flush=True))
   text = (f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; dtype {dtype.name}; "
           f"median of {repeats} timings\n\n" + table(rows) + "\n")
+  if len(triton_configs) > 1:
+    text += "\n" + pick_config(rows, triton_configs) + "\n"
   print("\n" + text)
   if args.out:
     with open(args.out, "w") as f:

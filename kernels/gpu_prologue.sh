@@ -1,7 +1,7 @@
-# Sourced by the one-shot device-machine scripts (kernels/gpu_check.sh,
-# experiments/gpu_bench_train.sh): $OUT, the repo root as the working folder, a `stage` timer,
-# and the carried wheels (.whl/*.whl, fetched on the CPU machine with `pip download --no-deps
-# --only-binary=:all: --python-version 3.12 -d .whl ...`) installed under /tmp/site.
+# Sourced by the GPU scripts (kernels/gpu_check.sh, experiments/gpu_bench_train.sh): $OUT, the
+# repo root as the working folder, a `stage` timer, and any wheels in ./.whl/ (fetched elsewhere
+# with `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ...`, for a
+# GPU machine without network access) installed under /tmp/site.
 # Usage: OUT_DEFAULT=/tmp/NAME_out; . "$(dirname "$0")/../kernels/gpu_prologue.sh"
 set -u
 export PYTHONUNBUFFERED=1

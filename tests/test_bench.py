@@ -35,7 +35,8 @@ def test_bench_cpu_writes_a_full_table(tmp_path, capsys):
 
 
 def test_budget_stops_new_rows():
-  _, rows = bench.run("cpu", ["chunked"], [(1, 2, 8, 2), (1, 2, 9, 2)], [4], [64], jnp.float32,
+  _, rows = bench.run("cpu", ["chunked"], [(1, 2, 8, 2), (1, 2, 9, 2)], [4], [(16, 64, 8)],
+                      jnp.float32,
                       repeats=1, budget_s=0.0, log=lambda s: None)
   assert rows == []
 
@@ -46,6 +47,23 @@ def test_min_bytes_counts_each_array_once():
   assert fwd == 4 * (4 * b * d * L + 2 * b * n * L)     # u, delta, z, y; B, C
   assert fb == fwd + 4 * (4 * b * d * L + 2 * b * n * L)  # dy, du, ddelta, dz; dB, dC
   assert bench.min_bytes((b, d, L, n), jnp.bfloat16)[0] == fwd // 2
+
+
+def test_config_pick_is_the_lowest_geometric_mean_over_shapes_all_finished():
+  def row(cfg, shape, ms):
+    return (f"triton({cfg})", shape, 1.0, 1.0, 0.5, ms, 0.5, 0.0)
+  s1, s2 = (1, 2, 3, 4), (5, 6, 7, 8)
+  rows = [row("16x64x8", s1, 2.0), row("16x64x8", s2, 8.0),      # geo mean 4
+          row("8x64x4", s1, 1.0), row("8x64x4", s2, 9.0),        # geo mean 3: picked
+          row("16x32x8", s1, 0.1),                               # did not finish s2: left out
+          ("triton(16x128x8)", s2, None, None, None, None, None, None)]   # failed
+  configs = [(16, 64, 8), (8, 64, 4), (16, 32, 8), (16, 128, 8)]
+  text = bench.pick_config(rows, configs)
+  assert "**8x64x4**" in text and "1.33x the best" in text, text
+  assert "16x32x8" in text and "not every shape" in text, text
+  assert bench.parse_config("16x64x8") == (16, 64, 8)
+  with pytest.raises(argparse.ArgumentTypeError):
+    bench.parse_config("16x64")
 
 
 @pytest.mark.parametrize("text", ["1,2,3", "1,2,3,0", "a,b,c,d"])
