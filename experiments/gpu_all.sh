@@ -23,12 +23,12 @@ BUDGET_S=${2:-${BUDGET_S:-540}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 share() { echo $(( BUDGET_S * $1 / 1000 )); }   # per-mille of the budget, in seconds
-# Shares (per mille): ~4% set-up and environment twice, tests 11%, bench 15%, sweep 28%,
-# train-step comparison 30%, UMambaBot-PP scans 9%; the stage timeouts add up to ~93%.
-OUT=$OUT/kernel TESTS_S=$(share 110) BENCH_S=$(share 150) SWEEP_S=$(share 280) \
+# Shares (per mille): ~4% set-up and environment twice, tests 11%, bench 15%, sweep 20%,
+# train-step comparison 36%, UMambaBot-PP scans 11%; the stage timeouts add up to 93%.
+OUT=$OUT/kernel TESTS_S=$(share 110) BENCH_S=$(share 150) SWEEP_S=$(share 200) \
   bash "$ROOT/kernels/gpu_check.sh"
 # Their tables are also at the end of bench.log and sweep.log: drop them to stay within 8 files.
 rm -f "$OUT/kernel/bench_f32.md" "$OUT/kernel/sweep.md"
-OUT=$OUT/train COMPARE_S=$(share 300) MAMBA_S=$(share 90) \
+OUT=$OUT/train COMPARE_S=$(share 360) MAMBA_S=$(share 110) \
   bash "$ROOT/experiments/gpu_bench_train.sh"
 echo "files under $OUT:"; (cd "$OUT" && find . -type f | sort)

@@ -28,7 +28,8 @@ try:
 except Exception as e:
   print("jax_triton import FAILED:", type(e).__name__, e)
 from jaxmamba.ops import triton_dispatch
-print("triton_dispatch.available():", triton_dispatch.available())
+print("triton_dispatch.available():", triton_dispatch.available(),
+      triton_dispatch.unavailable_reason() or "")
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 

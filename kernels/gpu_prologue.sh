@@ -12,7 +12,7 @@ cd "$ROOT"
 T0=$(date +%s)
 stage() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
-stage "install carried wheels"
+stage "install the wheels in .whl/ (if any)"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || echo "wheel install FAILED"

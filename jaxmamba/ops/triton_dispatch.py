@@ -129,17 +129,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   if reason is not None:
     raise ValueError(f"selective_scan(impl='triton'): unsupported call: {reason}")
   # A set _COMPUTE_CAPABILITY means lowering for a named GPU (export) without one at hand.
-  if _BACKEND == "jax_triton" and _COMPUTE_CAPABILITY is None and not available():
-    raise RuntimeError("selective_scan(impl='triton') needs jax on a GPU and jax_triton "
-                       "importable; use impl='auto' or 'chunked' elsewhere")
+  if _BACKEND == "jax_triton" and _COMPUTE_CAPABILITY is None:
+    why = unavailable_reason()
+    if why is not None:
+      raise RuntimeError(f"selective_scan(impl='triton') needs jax on a GPU and jax_triton "
+                         f"importable ({why}); use impl='auto' or 'chunked' elsewhere")
   softplus, cfg = bool(delta_softplus), (BLOCK_D, CHUNK, NUM_WARPS)
   scan = lambda *a: _scan(*a, softplus, cfg)   # noqa: E731
   return _per_data_shard(scan, (u, delta, A, B, C, D, z, delta_bias), _FWD_ROWS)
 
 
 def _arrays_only(fn, args):
-  """(g, present): g takes only the non-None `args` (at indices `present`), as shard_map and
-  pure_callback need, and calls fn with the None arguments put back in their places."""
+  """(g, present): g takes only the non-None `args` (at indices `present`), as shard_map needs,
+  and calls fn with the None arguments put back in their places."""
   present = [i for i, a in enumerate(args) if a is not None]
 
   def g(*arrays):
