@@ -22,6 +22,7 @@ exercise this module's custom_vjp / vmap plumbing with the real kernels.
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 
 import jax
@@ -29,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxmamba.ops import selective_scan as _ss
+# The module itself (the package exports the function under the same name).
+_ss = importlib.import_module("jaxmamba.ops.selective_scan")
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_STATE = 64           # N is unrolled inside the kernels
