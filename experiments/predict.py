@@ -5,7 +5,8 @@
 
 Images (.tif/.tiff or .png, 256x256, 8-bit, 3 channels; 1-channel images are repeated to 3 and an
 alpha channel is dropped, as OpenCV's imread does) are fed exactly as the authors fed them: the
-stored channel order reversed (cv2's BGR) and divided by 255.  For each image OUTDIR receives
+stored channel order reversed (cv2's BGR) and divided by 255 (`jaxmamba.data.pixels_to_float`,
+the conversion training and evaluation use).  For each image OUTDIR receives
 `<stem>_mask.png` (uint8, 255 where sigmoid(logit) >= 0.5, else 0) and, with --save-probs,
 `<stem>_prob.npy` (float32 HxW probabilities).
 
@@ -81,6 +82,7 @@ def make_predictor(model_name: str, variables: dict, scan_impl: str | None = Non
   import jax  # noqa: PLC0415 (keeps `--help` fast)
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from jaxmamba.data.loader import pixels_to_float  # noqa: PLC0415
   from jaxmamba.models import registry  # noqa: PLC0415
   overrides = {"scan_impl": scan_impl} if scan_impl else {}
   model = registry.build(model_name, **overrides)
@@ -88,7 +90,7 @@ def make_predictor(model_name: str, variables: dict, scan_impl: str | None = Non
 
   @jax.jit
   def predict(images):
-    x = images.astype(jnp.float32) / 255.0
+    x = pixels_to_float(images)   # the training and evaluation conversion, bit for bit
     logits = model.apply(variables, x, train=False)
     return jax.nn.sigmoid(logits[..., 0].astype(jnp.float32))
 
