@@ -60,6 +60,21 @@ class Checkpointer:
       with open(self.best_json, "w") as f:
         json.dump({"step": int(step), "metric": metric, "value": float(value)}, f)
 
+  def drop_best_after(self, step: int) -> None:
+    """Forgets a best checkpoint newer than `step`, the step a run resumes from.
+
+    It was chosen by steps that the resumed run computes again (an older checkpoint restores when
+    the newest is lost), and the best score the resumed run starts from is that of `step`.
+    """
+    newer = [s for s in self.best.all_steps() if s > step]
+    for s in newer:
+      self.best.delete(s)
+    record = self.best_record()
+    if record is not None and record["step"] > step and jax.process_index() == 0:
+      os.remove(self.best_json)
+    if newer:
+      log.warning("resuming from step %d: dropped the best checkpoint of step(s) %s", step, newer)
+
   def best_record(self) -> dict | None:
     if not os.path.exists(self.best_json):
       return None

@@ -212,7 +212,8 @@ class _HostState:
     return dict(self.by_step.get(str(step), {}))
 
   def put(self, step: int, values: dict) -> None:
-    self.by_step[str(step)] = values
+    # A copy: the loop keeps updating its dict, and each step must keep the values it had.
+    self.by_step[str(step)] = dict(values)
     keep = sorted(self.by_step, key=int)[-20:]
     self.by_step = {k: self.by_step[k] for k in keep}
     _write_json(self.path, self.by_step)
@@ -256,6 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = restored
     say(f"resumed from step {int(step)}")
   step = int(jax.device_get(state["step"]))
+  ckpt.drop_best_after(step)
   book = host.get(step)
   book.setdefault("best_score", math.inf)
   book.setdefault("since_best", 0)
