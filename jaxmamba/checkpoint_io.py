@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxmamba.errors import UserError
+
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
 CHECKPOINTS_DIR = "checkpoints"
@@ -36,7 +38,7 @@ FORMAT = "jaxmamba.variables/1"
 _MAX_PARENT_LEVELS = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that is missing, malformed, or of another model than expected."""
 
 

@@ -254,8 +254,9 @@ def _cli(workdir, *extra, devices=1):
   return args, env
 
 
-def _run(workdir, *extra, devices=1, timeout=300):
+def _run(workdir, *extra, devices=1, timeout=300, extra_env=None):
   args, env = _cli(workdir, *extra, devices=devices)
+  env.update(extra_env or {})
   return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -392,6 +393,11 @@ def _script_main():
   """Entry for the subprocess tests: the tiny model, optional per-step sleep, experiments.run."""
   sys.path.insert(0, ROOT)
   _patch_registry()
+  if os.environ.get("TINY_BUG"):   # an exception that is not the user's: keeps its traceback
+    from jaxmamba.train import recipe
+    def bug(config):
+      raise ValueError("a bug, not a user error")
+    recipe.validate_config = bug
   delay = float(os.environ.get("TINY_STEP_SLEEP", "0"))
   if delay:
     from jaxmamba import data

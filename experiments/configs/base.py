@@ -64,6 +64,11 @@ def _config_arg_index(argv):
   return None, None, None
 
 
+def config_value(argv: list[str]) -> str:
+  """The `--config` value as given (`NAME[:ARG]`), or "" without one."""
+  return _config_arg_index(argv)[1] or ""
+
+
 def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
   """Rewrites a bare `--config=NAME[:arg]` into the config file path; returns (argv, NAME)."""
   argv = list(argv)
