@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import jax
 import pytest
@@ -137,3 +138,30 @@ def test_paper_resnet_without_init_from_says_it_starts_from_random_weights(tiny,
   assert "resnet18_seg starts from random weights" in out and "--config.init_from" in out
   _train(tiny_config(model="unet", max_steps=1), tmp_path / "b")
   assert "random weights" not in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_shape_is_reported_as_such_not_as_damage(tiny, tmp_path,
+                                                                         monkeypatch):
+  """Same config, changed model code: the restore names the first leaf that differs and stops
+  (no fallback to an older checkpoint, no "damaged")."""
+  import flax.linen as nn
+
+  from jaxmamba.checkpoint_io import CheckpointError
+  from jaxmamba.models import registry
+  _train(tiny_config(max_steps=2), tmp_path)
+
+  class WiderNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(5, (3, 3), use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      return nn.Conv(1, (1, 1))(nn.relu(x))
+  monkeypatch.setattr(registry, "build", lambda name, **kw: WiderNet())
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")       # a "damaged" warning would fail here
+    with pytest.raises(CheckpointError) as info:
+      _train(tiny_config(max_steps=4), tmp_path)
+  message = str(info.value)
+  assert "does not fit the current config" in message and "damaged" not in message
+  assert "batch_stats/BatchNorm_0/mean is float32[4] in the checkpoint but float32[5] in the " \
+         "current model" in message
