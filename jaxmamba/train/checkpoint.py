@@ -58,7 +58,10 @@ def _saved_tree(step_dir: str):
     tree = checkpointer.metadata(os.path.join(step_dir, "default"))
   finally:
     checkpointer.close()
-  return getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "item_metadata", tree)
+  if tree is None or not jax.tree.leaves(tree):   # Orbax gives None for damaged metadata files
+    raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata")
+  return tree
 
 
 def describe_mismatch(saved_tree, like) -> str | None:
