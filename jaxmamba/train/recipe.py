@@ -89,6 +89,9 @@ def validate_config(config) -> None:
   if config.best_metric not in BEST_METRICS:
     raise ConfigError(f"config.best_metric must be one of {', '.join(BEST_METRICS)}, "
                      f"got {config.best_metric!r}")
+  if config.get("init_from_which", "selected") not in ("selected", "best", "final"):
+    raise ConfigError(f"config.init_from_which must be selected, best or final, "
+                      f"got {config.init_from_which!r}")
   if config.select not in ("final", "best"):
     raise ConfigError(f"config.select must be 'final' or 'best', got {config.select!r}")
   if config.train_image_size < 0:

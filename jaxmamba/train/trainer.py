@@ -142,7 +142,9 @@ class _Setup:
 
   def _start_from(self, path):
     """The initial state with params (and BatchNorm statistics) read from `path`."""
-    _, variables = checkpoint_io.load_variables(path, expected_model=self.config.model)
+    which, step = self.config.get("init_from_which", "selected"), self.config.get("init_from_step")
+    what = checkpoint_io.locate(path, which, step or None)[1]
+    _, variables = checkpoint_io.load_variables(path, self.config.model, which, step or None)
     for col in ("params", "batch_stats") if self.has_bn else ("params",):
       if col in variables:
         torch_compat.check_variables_match(self.state[col], variables[col], f"{col} in {path}")
@@ -151,7 +153,7 @@ class _Setup:
                  opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params))
     if self.has_bn and "batch_stats" in variables:
       state["batch_stats"] = jax.device_put(variables["batch_stats"], self.replicated)
-    say(f"initial weights from {path}")
+    say(f"initial weights from {what}")
     return state
 
   def _train_step(self, state, batch):
