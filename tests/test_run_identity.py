@@ -87,7 +87,7 @@ def test_every_new_config_field_is_in_the_identity():
 def test_default_workdirs_keep_synthetic_and_real_runs_apart():
   from experiments import run
   assert run.default_workdir("unet", "", "") == os.path.join("runs", "unet-synthetic")
-  assert run.default_workdir("unet", "", "/data/kaggle_3m") == os.path.join("runs", "unet")
+  assert run.default_workdir("unet", "", "PATH/kaggle_3m") == os.path.join("runs", "unet")
   assert run.default_workdir("unet", "runlocal", "") == os.path.join("runs",
                                                                       "unet-runlocal-synthetic")
 
