@@ -119,7 +119,7 @@ def _resolve(directory: str) -> str:
     raise CheckpointError(f"{directory}: no Orbax checkpoint inside")
   # A manager may keep several items (e.g. "state" and "metrics"); take the one with params.
   for name in items:
-    if "params" in _metadata_tree(os.path.join(directory, name)):
+    if "params" in metadata_tree(os.path.join(directory, name)):
       return os.path.join(directory, name)
   raise CheckpointError(f"{directory}: no checkpoint item holds 'params' (items: {items})")
 
@@ -213,7 +213,9 @@ def _has_checkpoint(directory: str) -> bool:
           or any(_is_pytree_checkpoint(os.path.join(directory, e)) for e in os.listdir(directory)))
 
 
-def _metadata_tree(item: str) -> dict:
+def metadata_tree(item: str) -> dict:
+  """The saved tree of an Orbax item as ArrayMetadata leaves (shape, dtype); CheckpointError if
+  unreadable."""
   # Orbax logs a warning for every checkpoint written without step metadata; it is harmless here.
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -244,7 +246,7 @@ def load_variables(path: str, expected_model: str | None = None, which: str = "s
   if expected_model is not None and model != expected_model:
     raise CheckpointError(f"{path} is a checkpoint of model {model!r}, not {expected_model!r}")
   item = locate(path, which, step)[0]
-  tree = _metadata_tree(item)
+  tree = metadata_tree(item)
   wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
   if "params" not in wanted:
     raise CheckpointError(f"{item}: checkpoint holds no 'params' (has {sorted(tree)})")

@@ -21,6 +21,7 @@ import warnings
 import jax
 import orbax.checkpoint as ocp
 
+from jaxmamba import checkpoint_io
 from jaxmamba.checkpoint_io import CheckpointError, step_numbers
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,9 @@ def _leaves_by_path(tree) -> dict:
 
 
 def _saved_tree(step_dir: str):
-  """The tree of ArrayMetadata (shape, dtype) of the item saved in `step_dir`."""
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    tree = checkpointer.metadata(os.path.join(step_dir, "default"))
-  finally:
-    checkpointer.close()
-  tree = getattr(tree, "item_metadata", tree)
-  if tree is None or not jax.tree.leaves(tree):   # Orbax gives None for damaged metadata files
-    raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata")
-  return tree
+  """The tree of ArrayMetadata (shape, dtype) of the item saved in `step_dir`; CheckpointError
+  if it cannot be read (damaged files)."""
+  return checkpoint_io.metadata_tree(os.path.join(step_dir, "default"))
 
 
 def describe_mismatch(saved_tree, like) -> str | None:

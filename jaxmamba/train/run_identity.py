@@ -82,12 +82,10 @@ def identity(config) -> dict:
 
 def differences(old: dict, new: dict) -> list[str]:
   """`field: old -> new` for every field that differs (absent on one side: `(none)`)."""
-  lines = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, "(none)"), new.get(key, "(none)")
-    if a != b:
-      lines.append(f"{key}: {a!r} -> {b!r}")
-  return lines
+  def shown(fields, key):
+    return repr(fields[key]) if key in fields else "(none)"
+  return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(set(old) | set(new))
+          if key not in old or key not in new or old[key] != new[key]]
 
 
 def _has_checkpoints(workdir: str) -> bool:
