@@ -165,3 +165,23 @@ def test_checkpoint_of_another_shape_is_reported_as_such_not_as_damage(tiny, tmp
   assert "does not fit the current config" in message and "damaged" not in message
   assert "batch_stats/BatchNorm_0/mean is float32[4] in the checkpoint but float32[5] in the " \
          "current model" in message
+
+
+def test_workdir_from_before_run_json_is_checked_against_its_model_json(tiny, tmp_path, capsys):
+  from jaxmamba.train.run_identity import WorkdirMismatchError
+  _train(tiny_config(max_steps=2), tmp_path)
+  (tmp_path / "run.json").unlink()                      # as a workdir written before run.json
+  with pytest.raises(WorkdirMismatchError, match="learning_rate: 0.01 -> 0.02"):
+    _train(tiny_config(max_steps=3, learning_rate=0.02), tmp_path)
+  capsys.readouterr()
+  _train(tiny_config(max_steps=3), tmp_path)
+  assert "resumed from step 2" in capsys.readouterr().out
+  assert json.loads((tmp_path / "run.json").read_text())["identity"]["learning_rate"] == 0.01
+
+
+def test_length_of_a_cosine_schedule_is_part_of_the_run(tiny, tmp_path):
+  """Under a cosine schedule more steps would change the learning rates already used."""
+  from jaxmamba.train.run_identity import WorkdirMismatchError
+  _train(tiny_config(max_steps=2, schedule="cosine"), tmp_path)
+  with pytest.raises(WorkdirMismatchError, match="max_steps: 2 -> 3"):
+    _train(tiny_config(max_steps=3, schedule="cosine"), tmp_path)

@@ -4,7 +4,8 @@ The identity is the resolved config, flattened to `field: value`, less the field
 or observe a run (`EXTENDS_OR_OBSERVES`), with the data source pinned: for a data folder its
 resolved path and a fingerprint of its file list and sizes (no file contents are read), for the
 synthetic source its parameters.  Every other field, including any added to the config later, is
-part of the identity.
+part of the identity; so is the run's length (num_epochs, max_steps) under a decaying (cosine)
+learning-rate schedule, which is laid out over that length.
 
 A rerun in a workdir that holds checkpoints must have the same identity, or it stops before
 training and names every field that differs; `restart=True` (`experiments.run --restart`) deletes
@@ -71,7 +72,12 @@ def folder_fingerprint(path: str) -> str:
 
 def identity(config) -> dict:
   """The run's identity from a resolved config (`recipe.resolve_config`)."""
-  fields = {k: v for k, v in _flatten(config.to_dict()).items() if not _excluded(k)}
+  flat = _flatten(config.to_dict())
+  fields = {k: v for k, v in flat.items() if not _excluded(k)}
+  if config.schedule != "constant":
+    # A decaying schedule is laid out over the run's length: more steps change the learning rate
+    # of the steps already taken, so the length is part of the run, not an extension of it.
+    fields.update({k: flat[k] for k in ("num_epochs", "max_steps")})
   if config.data.dir:
     path = os.path.realpath(os.path.expanduser(config.data.dir))
     fields = {k: v for k, v in fields.items() if not k.startswith("data.synthetic.")}
