@@ -1,11 +1,16 @@
 """Segments kaggle_3m-style slices with a trained or converted model.
 
   python -m experiments.predict --model NAME --checkpoint DIR --output OUTDIR [--save-probs]
-      [--batch-size N] IMAGE [IMAGE ...]
+      [--batch-size N] [--which selected|best|final] [--step N] IMAGE [IMAGE ...]
+
+From a training workdir the checkpoint read is the one its results.json reports as selected (the
+final weights under the authors' recipe, the best-validation ones under recipe=improved) unless
+--which/--step say otherwise; the first line of output names the checkpoint and step read.
 
 Images (.tif/.tiff or .png, 256x256, 8-bit, 3 channels; 1-channel images are repeated to 3 and an
 alpha channel is dropped, as OpenCV's imread does) are fed exactly as the authors fed them: the
-stored channel order reversed (cv2's BGR) and divided by 255.  For each image OUTDIR receives
+stored channel order reversed (cv2's BGR) and divided by 255 (`jaxmamba.data.pixels_to_float`,
+the conversion training and evaluation use).  For each image OUTDIR receives
 `<stem>_mask.png` (uint8, 255 where sigmoid(logit) >= 0.5, else 0) and, with --save-probs,
 `<stem>_prob.npy` (float32 HxW probabilities).
 
@@ -81,6 +86,7 @@ def make_predictor(model_name: str, variables: dict, scan_impl: str | None = Non
   import jax  # noqa: PLC0415 (keeps `--help` fast)
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from jaxmamba.data.loader import pixels_to_float  # noqa: PLC0415
   from jaxmamba.models import registry  # noqa: PLC0415
   overrides = {"scan_impl": scan_impl} if scan_impl else {}
   model = registry.build(model_name, **overrides)
@@ -88,7 +94,7 @@ def make_predictor(model_name: str, variables: dict, scan_impl: str | None = Non
 
   @jax.jit
   def predict(images):
-    x = images.astype(jnp.float32) / 255.0
+    x = pixels_to_float(images)   # the training and evaluation conversion, bit for bit
     logits = model.apply(variables, x, train=False)
     return jax.nn.sigmoid(logits[..., 0].astype(jnp.float32))
 
@@ -96,8 +102,13 @@ def make_predictor(model_name: str, variables: dict, scan_impl: str | None = Non
 
 
 def predict_files(model_name: str, checkpoint: str, paths, output: str, save_probs: bool = False,
-                  batch_size: int = 16, progress: bool | None = None) -> list[str]:
-  """Writes the masks (and probabilities) of `paths` into `output`; returns the mask paths."""
+                  batch_size: int = 16, progress: bool | None = None, which: str = "selected",
+                  step: int | None = None) -> list[str]:
+  """Writes the masks (and probabilities) of `paths` into `output`; returns the mask paths.
+
+  From a training workdir it reads the checkpoint that `which` and `step` name (by default the
+  one the run's results.json scored; jaxmamba.checkpoint_io.locate) and says which it read.
+  """
   from jaxmamba import checkpoint_io  # noqa: PLC0415
   from jaxmamba.models import registry  # noqa: PLC0415
 
@@ -109,7 +120,9 @@ def predict_files(model_name: str, checkpoint: str, paths, output: str, save_pro
   stems = _stems(paths)
   for p in paths:  # fail on a bad file before loading the model or writing anything
     read_image(p)
-  _, variables = checkpoint_io.load_variables(checkpoint, expected_model=model_name)
+  what = checkpoint_io.locate(checkpoint, which, step)[1]
+  _, variables = checkpoint_io.load_variables(checkpoint, model_name, which, step)
+  print(f"loaded {what}", flush=True)
   predict = make_predictor(model_name, variables)
   os.makedirs(output, exist_ok=True)
 
@@ -154,12 +167,17 @@ def main(argv=None) -> int:
   parser.add_argument("--output", required=True, help="folder for the masks")
   parser.add_argument("--save-probs", action="store_true", help="also write <stem>_prob.npy")
   parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--which", choices=("selected", "best", "final"), default="selected",
+                      help="from a training workdir: the checkpoint its results.json scored "
+                           "(default), the best-by-validation one, or the final one")
+  parser.add_argument("--step", type=int, default=None,
+                      help="from a training workdir: this step of the --which kind")
   parser.add_argument("images", nargs="+", metavar="IMAGE")
   args = parser.parse_args(argv)
   from jaxmamba.checkpoint_io import CheckpointError  # noqa: PLC0415
   try:
     written = predict_files(args.model, args.checkpoint, args.images, args.output,
-                            args.save_probs, args.batch_size)
+                            args.save_probs, args.batch_size, which=args.which, step=args.step)
   except (InputError, CheckpointError, ValueError, OSError) as e:
     print(f"predict: error: {e}", file=sys.stderr)
     return 1

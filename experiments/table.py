@@ -144,6 +144,8 @@ def figure3(run_dirs: list[str], names: list[str], path: str) -> bool:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
+  from jaxmamba.train.evaluate import overlay_rgb  # the one pixel conversion, as in training
   figs = []
   for d in run_dirs:
     p = os.path.join(d, "figure_slices.npz")
@@ -166,7 +168,7 @@ def figure3(run_dirs: list[str], names: list[str], path: str) -> bool:
                            squeeze=False)
   for i, s in enumerate(slices):
     j = ref["names"].tolist().index(s)
-    rgb = ref["images"][j][..., ::-1] / 255.0       # BGR -> RGB for display
+    rgb = overlay_rgb(ref["images"][j])       # BGR -> RGB for display
     panels = [("input", rgb, None), ("ground truth", rgb, ref["masks"][j])]
     for name, f in have:
       k = f["names"].tolist().index(s)

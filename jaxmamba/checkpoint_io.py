@@ -6,9 +6,10 @@ Two layouts are read, both with a `model.json` (`{"model": NAME, ...}`) naming t
   checkpoint of `{"params": ..., ["batch_stats": ...]}`;
 * a training work directory: `WORKDIR/model.json` + `WORKDIR/checkpoints/<step>/<item>/` written by
   an Orbax `CheckpointManager` whose item is a dict holding at least "params" (and "batch_stats",
-  "opt_state", "step", ...).  `WORKDIR/checkpoints/best` (the trainer's best-by-validation
-  manager, `best/<step>/<item>`; a bare step or item folder also works) wins if present, else the
-  highest step.
+  "opt_state", "step", ...), with the best-by-validation one under `WORKDIR/checkpoints/best`.
+  By default the checkpoint the run's results.json reports as selected is read (`locate`):
+  the final weights under the authors' recipe, the best under recipe=improved; `which` and
+  `step` choose another.
 
 Only "params" and "batch_stats" are restored (partially, as numpy arrays), so neither the optimizer
 structure nor the devices the checkpoint was written on are needed.  `load_variables` also accepts
@@ -26,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxmamba.errors import UserError
+
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
 CHECKPOINTS_DIR = "checkpoints"
@@ -36,7 +39,7 @@ FORMAT = "jaxmamba.variables/1"
 _MAX_PARENT_LEVELS = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that is missing, malformed, or of another model than expected."""
 
 
@@ -116,7 +119,7 @@ def _resolve(directory: str) -> str:
     raise CheckpointError(f"{directory}: no Orbax checkpoint inside")
   # A manager may keep several items (e.g. "state" and "metrics"); take the one with params.
   for name in items:
-    if "params" in _metadata_tree(os.path.join(directory, name)):
+    if "params" in metadata_tree(os.path.join(directory, name)):
       return os.path.join(directory, name)
   raise CheckpointError(f"{directory}: no checkpoint item holds 'params' (items: {items})")
 
@@ -137,12 +140,82 @@ def find_checkpoint(path: str) -> str:
   return _resolve(path)
 
 
+WHICH = ("selected", "best", "final")
+
+
+def _selection(workdir: str) -> tuple[str, int | None, str]:
+  """(which, step or None for the newest, why) a training workdir's own choice points at.
+
+  results.json names the checkpoint its headline numbers come from; without one (a run not
+  finished yet) model.json's config.select says which the run will score; a workdir with neither
+  falls back to best-if-any, else the newest.
+  """
+  results = os.path.join(workdir, "results.json")
+  if os.path.isfile(results):
+    try:
+      with open(results) as f:
+        saved = json.load(f)
+      which = saved["selected"]
+      return which, int(saved[which]["step"]), "the one results.json reports"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{results}: unreadable or without a selected checkpoint "
+                            f"({type(e).__name__}: {e}); pass --which best|final") from e
+  _, meta = read_model_json(workdir)
+  select = (meta.get("config") or {}).get("select")
+  if select in ("best", "final"):
+    return select, None, "config.select of a run that has not finished"
+  best = os.path.join(workdir, CHECKPOINTS_DIR, BEST_DIR)
+  has_best = os.path.isdir(best) and _has_checkpoint(best)
+  return ("best" if has_best else "final"), None, "best if any, else the newest"
+
+
+def locate(path: str, which: str = "selected", step: int | None = None) -> tuple[str, str]:
+  """(the Orbax PyTree directory to read, what it is in words) for `path`.
+
+  For a training workdir, `which` is "selected" (the checkpoint its results.json scored, e.g. the
+  final weights under the authors' recipe), "best" (the best-by-validation one) or "final" (the
+  newest periodic one); `step` picks another step of that kind.  Converter output and a folder
+  inside a workdir (a step or item) are read as given.
+  """
+  if which not in WHICH:
+    raise CheckpointError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: checkpoint directory does not exist")
+  root = os.path.join(path, CHECKPOINTS_DIR)
+  if not os.path.isdir(root):
+    if which != "selected" or step is not None:
+      raise CheckpointError(f"{path} is not a training workdir (no {CHECKPOINTS_DIR}/): "
+                            "which/step choose among a workdir's checkpoints")
+    item = find_checkpoint(path)
+    kind = "converted weights" if item.endswith(os.sep + VARIABLES_DIR) else "checkpoint"
+    return item, f"{kind} {item}"
+  why = f"--which {which}"
+  if which == "selected":
+    which, chosen, why = _selection(path)
+  else:
+    chosen = None
+  chosen = chosen if step is None else int(step)
+  folder = os.path.join(root, BEST_DIR) if which == "best" else root
+  steps = step_numbers(folder) if os.path.isdir(folder) else []
+  if not steps:
+    raise CheckpointError(f"{path} has no {which} checkpoint")
+  chosen = steps[-1] if chosen is None else chosen
+  if chosen not in steps:
+    raise CheckpointError(f"{path} has no {which} checkpoint at step {chosen} (it keeps steps "
+                          f"{steps}); pass --which best|final [--step N] to choose another")
+  return (_resolve(os.path.join(folder, str(chosen))),
+          f"the {which} checkpoint (step {chosen}) of {path}, {why}")
+
+
 def _has_checkpoint(directory: str) -> bool:
   return (_is_pytree_checkpoint(directory) or bool(step_numbers(directory))
           or any(_is_pytree_checkpoint(os.path.join(directory, e)) for e in os.listdir(directory)))
 
 
-def _metadata_tree(item: str) -> dict:
+def metadata_tree(item: str) -> dict:
+  """The saved tree of an Orbax item as ArrayMetadata leaves (shape, dtype); CheckpointError if
+  unreadable."""
   # Orbax logs a warning for every checkpoint written without step metadata; it is harmless here.
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -160,8 +233,10 @@ def _metadata_tree(item: str) -> dict:
   return dict(tree)
 
 
-def load_variables(path: str, expected_model: str | None = None) -> tuple[str, dict[str, Any]]:
-  """Reads (model name, {"params", ["batch_stats"]}) from a converter output or a training workdir.
+def load_variables(path: str, expected_model: str | None = None, which: str = "selected",
+                   step: int | None = None) -> tuple[str, dict[str, Any]]:
+  """Reads (model name, {"params", ["batch_stats"]}) from a converter output or a training workdir
+  (the checkpoint `locate(path, which, step)` names: by default the one its results.json scored).
 
   Raises CheckpointError if nothing readable is there, or if `expected_model` is given and the
   checkpoint belongs to another model.  Arrays come back as numpy arrays.
@@ -170,8 +245,8 @@ def load_variables(path: str, expected_model: str | None = None) -> tuple[str, d
   model = meta["model"]
   if expected_model is not None and model != expected_model:
     raise CheckpointError(f"{path} is a checkpoint of model {model!r}, not {expected_model!r}")
-  item = find_checkpoint(path)
-  tree = _metadata_tree(item)
+  item = locate(path, which, step)[0]
+  tree = metadata_tree(item)
   wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
   if "params" not in wanted:
     raise CheckpointError(f"{item}: checkpoint holds no 'params' (has {sorted(tree)})")

@@ -20,6 +20,7 @@ Prints a Markdown table; --out FILE also writes it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import platform
 import statistics
@@ -29,8 +30,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxmamba.ops import selective_scan as ss
 from kernels import launch_plan as LP
+
+# The module itself (the package exports the function under the same name).
+ss = importlib.import_module("jaxmamba.ops.selective_scan")
 
 GPU_SHAPES = [
     (64, 32, 4096, 16), (16, 1024, 256, 16), (4, 2048, 4096, 16), (8, 2048, 2048, 16),

@@ -25,21 +25,22 @@ from experiments import predict  # noqa: E402
 from jaxmamba import checkpoint_io, convert  # noqa: E402
 from jaxmamba.models import __main__ as models_cli  # noqa: E402
 from jaxmamba.models import registry  # noqa: E402
+from tests._data import lgg_dir  # noqa: E402
 from third_party.torch_models import umamba as torch_umamba  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = "/work/shared/data/lgg_subset"
 
 
 def _sample_images(n: int) -> list[str]:
   """n real slices with tumour (so the masks are not trivially empty), sorted for stability."""
+  data_dir = lgg_dir()
   found = []
-  for mask in sorted(glob.glob(os.path.join(DATA, "*", "*_mask.tif"))):
+  for mask in sorted(glob.glob(os.path.join(data_dir, "*", "*_mask.tif"))):
     if np.asarray(Image.open(mask)).any():
       found.append(mask.replace("_mask.tif", ".tif"))
     if len(found) == n:
       return found
-  pytest.skip(f"fewer than {n} tumour slices under {DATA}")
+  pytest.fail(f"fewer than {n} tumour slices under {data_dir}")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """Tests of the kaggle_3m pipeline on the real LGG subset (21 patients, 442 slices).
 
-The subset lives outside the repository: <repo>/../shared/data/lgg_subset, or $JAXMAMBA_LGG_DIR.
+The subset lives outside the repository: <repo>/../shared/data/lgg_subset, or $JAXMAMBA_LGG_DIR
+(tests/_data.py; under CI=true a missing subset fails these tests instead of skipping them).
 Damaged copies are made in temporary folders only.
 """
 import glob
+import importlib
 import os
 import random
 import shutil
@@ -17,14 +19,17 @@ from jaxmamba import data
 from jaxmamba.data import kaggle3m
 from jaxmamba.data import splits as splits_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LGG_DIR = os.environ.get("JAXMAMBA_LGG_DIR") or os.path.join(_REPO, "..", "shared", "data",
-                                                             "lgg_subset")
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(LGG_DIR),
-    reason=f"LGG subset not found at {LGG_DIR} (set JAXMAMBA_LGG_DIR to a kaggle_3m folder)")
+from tests._data import in_ci, lgg_dir, lgg_path
 
-tfds_lgg = pytest.importorskip("jaxmamba.data.tfds_lgg")
+LGG_DIR = lgg_path()
+# tensorflow-datasets is a dependency: under CI its absence fails the module instead of skipping.
+tfds_lgg = (importlib.import_module if in_ci() else pytest.importorskip)("jaxmamba.data.tfds_lgg")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subset_present():
+  """Every test here needs the subset: skipped without it, failed under CI=true (tests/_data.py)."""
+  lgg_dir()
 
 
 @pytest.fixture(scope="session")

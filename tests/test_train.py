@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,36 @@ def test_damaged_latest_checkpoint_falls_back(tiny, tmp_path, capsys):
   assert "resumed from step 2" in capsys.readouterr().out
 
 
+def _book(workdir, step):
+  """The loop bookkeeping stored with `step`'s checkpoint, without the wall-clock fields."""
+  by_step = json.loads((workdir / "checkpoints" / "host_state.json").read_text())
+  return {k: v for k, v in by_step[str(step)].items()
+          if k not in ("train_time_s", "timed_s", "timed_images")}
+
+
+def test_resume_after_losing_the_newest_checkpoint_restores_that_steps_bookkeeping(tiny, tmp_path):
+  """Each saved step keeps its own counters: resuming from an older checkpoint (the newest one
+  lost, as after a kill during an async save) ends exactly as the uninterrupted run."""
+  from jaxmamba.train import train_and_evaluate
+  config = tiny_config(num_epochs=4, early_stopping_patience=3, learning_rate=0.05)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_and_evaluate(config, str(straight))
+  train_and_evaluate(config, str(resumed))
+  steps = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+  last, previous = steps[-1], steps[-2]
+  assert _book(resumed, previous) != _book(resumed, last)   # the counters moved in between
+  shutil.rmtree(resumed / "checkpoints" / str(last))
+  train_and_evaluate(config, str(resumed))
+  step_a, a = _params_of(str(straight))
+  step_b, b = _params_of(str(resumed))
+  assert step_a == step_b == last
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert _book(resumed, last) == _book(straight, last)
+  best = [json.loads((d / "checkpoints" / "best.json").read_text()) for d in (straight, resumed)]
+  assert best[0] == best[1]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
   from jaxmamba.train import losses, train_and_evaluate
   train_and_evaluate(tiny_config(max_steps=2), str(tmp_path))
@@ -223,8 +254,9 @@ def _cli(workdir, *extra, devices=1):
   return args, env
 
 
-def _run(workdir, *extra, devices=1, timeout=300):
+def _run(workdir, *extra, devices=1, timeout=300, extra_env=None):
   args, env = _cli(workdir, *extra, devices=devices)
+  env.update(extra_env or {})
   return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -361,6 +393,11 @@ def _script_main():
   """Entry for the subprocess tests: the tiny model, optional per-step sleep, experiments.run."""
   sys.path.insert(0, ROOT)
   _patch_registry()
+  if os.environ.get("TINY_BUG"):   # an exception that is not the user's: keeps its traceback
+    from jaxmamba.train import recipe
+    def bug(config):
+      raise ValueError("a bug, not a user error")
+    recipe.validate_config = bug
   delay = float(os.environ.get("TINY_STEP_SLEEP", "0"))
   if delay:
     from jaxmamba import data

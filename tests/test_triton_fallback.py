@@ -4,6 +4,7 @@ process) gives the reason, and available()/supports() keep their reasons without
 No GPU is needed: the backend jax reports is replaced by "gpu"; on this CPU-only jax,
 jax_triton's import fails, which is one of the reasons the warning must carry.
 """
+import importlib
 import warnings
 
 import jax
@@ -11,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmamba.ops import selective_scan as ss
 from jaxmamba.ops import triton_dispatch as td
+
+# The module itself (the package exports the function under the same name).
+ss = importlib.import_module("jaxmamba.ops.selective_scan")
 
 
 def _args(dtype=jnp.float32):

@@ -3,6 +3,7 @@ and every gradient, float32 and bfloat16, under jit and vmap, on fresh random sh
 
 Skipped unless jax runs on a GPU with jax_triton importable (kernels/gpu_check.sh runs these).
 """
+import importlib
 import os
 
 import jax
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmamba.ops import selective_scan as ss
 from jaxmamba.ops import triton_dispatch as td
+
+# The module itself (the package exports the function under the same name).
+ss = importlib.import_module("jaxmamba.ops.selective_scan")
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not td.available(), reason="needs a GPU and jax_triton")]

@@ -18,6 +18,7 @@ Fields:
   early_stopping_patience (epochs without a better best_metric; 0 = off), train_image_size
   (0 = data size; SegFormer 224), threshold ("logit" | "sigmoid", the paper's test binarisation),
   best_metric, select ("final" | "best": the checkpoint behind the headline numbers),
+  init_from / init_from_which / init_from_step (start from converted weights or a run's checkpoint),
   checkpoint_every_steps (0 = once per epoch), keep_checkpoints, progress, tensorboard,
   num_figure_slices, data (jaxmamba.data config).
 """
@@ -62,6 +63,11 @@ def _config_arg_index(argv):
     if a == "--config" and i + 1 < len(argv):
       return i, argv[i + 1], False
   return None, None, None
+
+
+def config_value(argv: list[str]) -> str:
+  """The `--config` value as given (`NAME[:ARG]`), or "" without one."""
+  return _config_arg_index(argv)[1] or ""
 
 
 def resolve_argv(argv: list[str]) -> tuple[list[str], str | None]:
@@ -121,6 +127,10 @@ def base_config(model: str, *, batch_size: int, eval_batch_size: int, loss: str,
   # Start from converted or trained weights (`python -m jaxmamba.convert ...` output or a run's
   # workdir) instead of a random init, e.g. the authors' ImageNet ResNet encoders.
   c.init_from = ""
+  # From a training workdir: which of its checkpoints ("selected" = the one its results.json
+  # scored, "best", "final") and which step of that kind (0 = the newest).
+  c.init_from_which = "selected"
+  c.init_from_step = 0
 
   c.checkpoint_every_steps = 0
   c.keep_checkpoints = 3

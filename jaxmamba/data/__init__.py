@@ -16,6 +16,8 @@ API (what the trainer calls)::
                     # numpy, or global jax.Arrays when a NamedSharding (e.g. P("data")) is given
   data.num_batches(slice_set, batch_size, drop_remainder) -> int
   images, masks = data.to_float(batch)                        # on device: images/255, masks
+  x = data.pixels_to_float(uint8_images)     # the one uint8 -> float32 v/255 conversion (train,
+                                             # evaluation, predict, figures): bit-identical
   images, masks = data.augment(rng, images, masks, cfg.augment)  # identity unless enabled
 
 Real data: `cfg.dir` is a kaggle_3m folder (PATIENT/PATIENT_N.tif + PATIENT/PATIENT_N_mask.tif).
@@ -41,12 +43,13 @@ on (seed, epoch).
 from jaxmamba.data.augment import augment
 from jaxmamba.data.config import default_config
 from jaxmamba.data.errors import DataError
-from jaxmamba.data.loader import batches, num_batches, to_float
+from jaxmamba.data.loader import batches, num_batches, pixels_to_float, to_float
 from jaxmamba.data.pipeline import load_all, load_splits
 from jaxmamba.data.slices import SliceSet, Splits
 from jaxmamba.data.splits import split_patients, write_split_json
 
 __all__ = [
     "DataError", "SliceSet", "Splits", "augment", "batches", "default_config", "load_all",
-    "load_splits", "num_batches", "split_patients", "to_float", "write_split_json",
+    "load_splits", "num_batches", "pixels_to_float", "split_patients", "to_float",
+    "write_split_json",
 ]

@@ -112,6 +112,20 @@ def batches(slice_set: SliceSet, batch_size: int, shuffle: bool = True, seed: in
 _BYTE_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
 
 
+def pixels_to_float(images):
+  """Stored uint8 pixels -> float32 model input v / 255: the one conversion that training,
+  evaluation, prediction, figures and benchmarks use, bit-identical to float32(v) / 255.
+
+  A numpy array gives a numpy array (host code: figures); anything else (a jax.Array, a tracer
+  inside a jitted step) gives a jax.Array.
+  """
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 (stored pixels), got {images.dtype}")
+  if isinstance(images, np.ndarray):
+    return _BYTE_TO_UNIT[images]
+  return jnp.asarray(_BYTE_TO_UNIT)[images]
+
+
 def to_float(batch) -> tuple[jax.Array, jax.Array]:
   """(images / 255, masks) as float32 jnp arrays; call on device, e.g. inside the jitted step.
 
@@ -120,6 +134,5 @@ def to_float(batch) -> tuple[jax.Array, jax.Array]:
   image = jnp.asarray(batch["image"])
   if image.dtype != jnp.uint8:
     raise ValueError(f"batch['image'] must be uint8, got {image.dtype}")
-  images = jnp.asarray(_BYTE_TO_UNIT)[image]
   masks = jnp.asarray(batch["mask"]).astype(jnp.float32)
-  return images, masks
+  return pixels_to_float(image), masks

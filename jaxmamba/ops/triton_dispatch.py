@@ -23,6 +23,7 @@ tests to exercise this module's custom_vjp / vmap plumbing with the real kernels
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 
 import jax
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxmamba.ops import selective_scan as _ss
+# The module itself (the package exports the function under the same name).
+_ss = importlib.import_module("jaxmamba.ops.selective_scan")
 from kernels import launch_plan as _launch_plan_defaults  # plain Python (no triton, no jax)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

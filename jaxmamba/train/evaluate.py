@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.data.loader import pixels_to_float
 from jaxmamba.train import metrics
 
 
 def make_eval_step(model, loss_fn, threshold: str, has_bn: bool):
   """jit-able (variables, images uint8, masks uint8, valid bool) -> per-image counts, loss."""
   def step(variables, images, masks, valid):
-    x = images.astype(jnp.float32) / 255.0
+    x = pixels_to_float(images)
     y = masks.astype(jnp.float32)
     v = variables if has_bn else {"params": variables["params"]}
     logits = model.apply(v, x, train=False).astype(jnp.float32)
@@ -91,7 +92,7 @@ def figure_indices(slice_set, count: int) -> np.ndarray:
 
 def overlay_rgb(image_bgr: np.ndarray) -> np.ndarray:
   """uint8 BGR slice -> RGB float image for display."""
-  return image_bgr[..., ::-1].astype(np.float32) / 255.0
+  return pixels_to_float(np.ascontiguousarray(image_bgr[..., ::-1]))
 
 
 def save_prediction_png(path: str, images, masks, preds, names, title: str) -> None:

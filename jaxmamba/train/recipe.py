@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxmamba.errors import ConfigError
 from jaxmamba.models import registry
 from jaxmamba.train import losses, metrics
 
@@ -38,7 +39,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict(config.to_dict())
   recipe = config.get("recipe", "paper")
   if recipe not in RECIPES:
-    raise ValueError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+    raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
   if recipe == "improved" and "improved" in config:
     _merge(config, config.improved)
   run = config.get("synthetic_run")
@@ -52,51 +53,54 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def validate_config(config) -> None:
-  """Clear ValueErrors for bad values before anything expensive happens."""
+  """Clear ConfigErrors for bad values before anything expensive happens."""
   if config.model not in registry.names():
-    raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(registry.names())}")
+    raise ConfigError(f"unknown model {config.model!r}; known models: {', '.join(registry.names())}")
   for key in ("batch_size", "eval_batch_size"):
     if not isinstance(config[key], int) or config[key] <= 0:
-      raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}")
+      raise ConfigError(f"config.{key} must be a positive integer, got {config[key]!r}")
   if config.num_epochs <= 0:
-    raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
+    raise ConfigError(f"config.num_epochs must be positive, got {config.num_epochs}")
   if isinstance(config.bn_chunks, bool) or not isinstance(config.bn_chunks, int) \
       or config.bn_chunks < 1:
-    raise ValueError(f"config.bn_chunks must be a positive integer (1 = BatchNorm over the "
+    raise ConfigError(f"config.bn_chunks must be a positive integer (1 = BatchNorm over the "
                      f"whole batch), got {config.bn_chunks!r}")
   if config.max_steps < 0:
-    raise ValueError(f"config.max_steps must be >= 0 (0 = no cap), got {config.max_steps}")
+    raise ConfigError(f"config.max_steps must be >= 0 (0 = no cap), got {config.max_steps}")
   if config.learning_rate <= 0:
-    raise ValueError(f"config.learning_rate must be positive, got {config.learning_rate}")
+    raise ConfigError(f"config.learning_rate must be positive, got {config.learning_rate}")
   if config.weight_decay < 0:
-    raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}")
+    raise ConfigError(f"config.weight_decay must be >= 0, got {config.weight_decay}")
   if config.dtype not in DTYPES:
-    raise ValueError(f"config.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    raise ConfigError(f"config.dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
   if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+    raise ConfigError(f"config.optimizer must be one of {', '.join(OPTIMIZERS)}, "
                      f"got {config.optimizer!r}")
   if config.schedule not in SCHEDULES:
-    raise ValueError(f"config.schedule must be one of {', '.join(SCHEDULES)}, "
+    raise ConfigError(f"config.schedule must be one of {', '.join(SCHEDULES)}, "
                      f"got {config.schedule!r}")
   if config.schedule != "constant" and config.plateau_patience > 0:
-    raise ValueError("config.plateau_patience needs config.schedule='constant'")
+    raise ConfigError("config.plateau_patience needs config.schedule='constant'")
   if config.loss not in losses.LOSSES:
-    raise ValueError(f"config.loss must be one of {', '.join(losses.LOSSES)}, got {config.loss!r}")
+    raise ConfigError(f"config.loss must be one of {', '.join(losses.LOSSES)}, got {config.loss!r}")
   if config.threshold not in metrics.THRESHOLDS:
-    raise ValueError(f"config.threshold must be one of {', '.join(metrics.THRESHOLDS)}, "
+    raise ConfigError(f"config.threshold must be one of {', '.join(metrics.THRESHOLDS)}, "
                      f"got {config.threshold!r}")
   if config.best_metric not in BEST_METRICS:
-    raise ValueError(f"config.best_metric must be one of {', '.join(BEST_METRICS)}, "
+    raise ConfigError(f"config.best_metric must be one of {', '.join(BEST_METRICS)}, "
                      f"got {config.best_metric!r}")
+  if config.get("init_from_which", "selected") not in ("selected", "best", "final"):
+    raise ConfigError(f"config.init_from_which must be selected, best or final, "
+                      f"got {config.init_from_which!r}")
   if config.select not in ("final", "best"):
-    raise ValueError(f"config.select must be 'final' or 'best', got {config.select!r}")
+    raise ConfigError(f"config.select must be 'final' or 'best', got {config.select!r}")
   if config.train_image_size < 0:
-    raise ValueError(f"config.train_image_size must be >= 0 (0 = data size), "
+    raise ConfigError(f"config.train_image_size must be >= 0 (0 = data size), "
                      f"got {config.train_image_size}")
   if config.data.dir:
     path = os.path.expanduser(config.data.dir)
     if not os.path.isdir(path):
-      raise ValueError(f"config.data.dir={config.data.dir!r} is not an existing folder; point it "
+      raise ConfigError(f"config.data.dir={config.data.dir!r} is not an existing folder; point it "
                        "at the kaggle_3m folder or leave it empty for synthetic data")
 
 

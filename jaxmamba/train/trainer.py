@@ -24,19 +24,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmamba import checkpoint_io, data
+from jaxmamba.errors import ConfigError
 from jaxmamba.models import registry
 from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
 from jaxmamba.train import evaluate as ev
-from jaxmamba.train import bn_chunks, losses, recipe
+from jaxmamba.train import bn_chunks, losses, recipe, run_identity
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.writers import MetricWriter
 
 REAL_DATA_HINT = ("To train on the real data with the full recipe, pass "
                   "--config.data.dir=PATH/kaggle_3m (the folder of 110 patient folders).")
+# The models whose paper runs started from torchvision's ImageNet encoder weights.
+IMAGENET_STARTED = ("resnet18_seg", "resnet50_seg")
+
+
+def start_notice(config) -> str | None:
+  """What a user should know before a run that cannot be the paper's, or None."""
+  if config.model in IMAGENET_STARTED and config.recipe == "paper" and not config.get("init_from"):
+    return (f"note: {config.model} starts from random weights; the paper started its encoder from "
+            "torchvision's ImageNet weights. To do the same, convert a local torchvision .pth "
+            f"(python -m jaxmamba.convert --model {config.model} --torchvision-encoder FILE.pth "
+            "--workdir DIR) and pass --config.init_from=DIR.")
+  return None
 
 
 def say(msg: str) -> None:
@@ -75,7 +89,7 @@ class _Setup:
     self.devices = jax.devices()
     self.num_devices = len(self.devices)
     if config.batch_size % self.num_devices:
-      raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the "
+      raise ConfigError(f"config.batch_size={config.batch_size} must be a multiple of the "
                        f"{self.num_devices} devices (data parallelism splits each batch evenly)")
     self.mesh = Mesh(np.asarray(self.devices), ("data",))
     self.replicated = NamedSharding(self.mesh, P())
@@ -87,7 +101,7 @@ class _Setup:
     self.train_size = config.train_image_size or self.image_size
     self.steps_per_epoch = data.num_batches(train, config.batch_size, True)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"the training split has {len(train)} slices, fewer than "
+      raise ConfigError(f"the training split has {len(train)} slices, fewer than "
                        f"config.batch_size={config.batch_size}")
     total = self.steps_per_epoch * config.num_epochs
     self.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -128,7 +142,9 @@ class _Setup:
 
   def _start_from(self, path):
     """The initial state with params (and BatchNorm statistics) read from `path`."""
-    _, variables = checkpoint_io.load_variables(path, expected_model=self.config.model)
+    which, step = self.config.get("init_from_which", "selected"), self.config.get("init_from_step")
+    what = checkpoint_io.locate(path, which, step or None)[1]
+    _, variables = checkpoint_io.load_variables(path, self.config.model, which, step or None)
     for col in ("params", "batch_stats") if self.has_bn else ("params",):
       if col in variables:
         torch_compat.check_variables_match(self.state[col], variables[col], f"{col} in {path}")
@@ -137,7 +153,7 @@ class _Setup:
                  opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params))
     if self.has_bn and "batch_stats" in variables:
       state["batch_stats"] = jax.device_put(variables["batch_stats"], self.replicated)
-    say(f"initial weights from {path}")
+    say(f"initial weights from {what}")
     return state
 
   def _train_step(self, state, batch):
@@ -212,22 +228,35 @@ class _HostState:
     return dict(self.by_step.get(str(step), {}))
 
   def put(self, step: int, values: dict) -> None:
-    self.by_step[str(step)] = values
+    # A copy: the loop keeps updating its dict, and each step must keep the values it had.
+    self.by_step[str(step)] = dict(values)
     keep = sorted(self.by_step, key=int)[-20:]
     self.by_step = {k: self.by_step[k] for k in keep}
     _write_json(self.path, self.by_step)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
   """Trains `config.model` per `config`, evaluates it, and writes everything under `workdir`.
 
-  Leaves: model.json, split.json, checkpoints/ (periodic + best/), metrics/*.jsonl,
+  Leaves: run.json, model.json, split.json, checkpoints/ (periodic + best/), metrics/*.jsonl,
   tensorboard/, results.json, predictions.png, figure_slices.npz.  Rerunning in the same workdir
-  resumes from the latest checkpoint.  Returns the results dict.
+  resumes from the latest checkpoint if the run is the same (`run_identity`: only fields that
+  extend or observe it may change), and stops with WorkdirMismatchError otherwise; `restart`
+  deletes the previous run's outputs first.  Returns the results dict.
   """
   config = recipe.resolve_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  if restart:
+    removed = run_identity.restart(workdir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("restart")
+    say(f"--restart: removed {', '.join(removed)} from {workdir}" if removed
+        else f"--restart: nothing to remove in {workdir}")
+  run_identity.check_and_record(config, workdir)
+  notice = start_notice(config)
+  if notice:
+    say(notice)
   if config.synthetic_quick:
     say("No data folder given (config.data.dir is empty): training on the built-in synthetic "
         "source with a shrunken run (config.synthetic_run). " + REAL_DATA_HINT)
@@ -256,6 +285,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = restored
     say(f"resumed from step {int(step)}")
   step = int(jax.device_get(state["step"]))
+  ckpt.drop_best_after(step)
   book = host.get(step)
   book.setdefault("best_score", math.inf)
   book.setdefault("since_best", 0)
@@ -278,6 +308,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       checkpoint(step, state)
       ckpt.wait()
       say(f"interrupted: saved a checkpoint at step {step}; rerun the same command to resume")
+    else:
+      ckpt.wait()
+      say(_unsaved_message(step, ckpt.latest.all_steps()))
     writer.close()
     raise KeyboardInterrupt from None
   except FloatingPointError:
@@ -358,6 +391,14 @@ def _loop(s, config, state, step, book, ckpt, writer, checkpoint):
   return state, step
 
 
+def _unsaved_message(step: int, saved_steps) -> str:
+  """What a second Ctrl-C (which stops inside a step) leaves behind."""
+  last = max(saved_steps, default=None)
+  resume = (f"rerunning the same command resumes from step {last}" if last is not None
+            else "no checkpoint was saved yet, so rerunning the same command starts from step 0")
+  return f"interrupted inside step {step + 1}: no checkpoint was saved for it; {resume}"
+
+
 class _Interrupted(KeyboardInterrupt):
   """Ctrl-C, carrying the last completed (not donated) state to save."""
 
@@ -380,6 +421,7 @@ class _InterruptFlag:
 
   def _handle(self, signum, frame):
     if self.requested:
+      say("\nCtrl-C again: stopping now, without waiting for the current step to finish")
       raise KeyboardInterrupt
     self.requested = True
     say("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)")
