@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.nn import conv as fast_conv
 from jaxmamba.nn.depthwise import DepthwiseConv
 
 # ------------------------------------------------------------------------------------------------
@@ -59,11 +60,12 @@ def fan_out_normal_init(groups: int = 1):
 
 def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1,
            bias: bool = True, in_features: int | None = None, dilation: int = 1, name=None,
-           kernel_init=None, bias_init=None, dtype=None) -> nn.Conv:
-  """nn.Conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`).
+           kernel_init=None, bias_init=None, dtype=None) -> nn.Module:
+  """A conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`).
 
-  A depthwise conv (groups == in_features, stride 1, no dilation) is a `DepthwiseConv` with the
-  same parameters: XLA's grouped-conv gradient is very slow on the CPU (jaxmamba.nn.depthwise).
+  Parameters are `nn.Conv`'s.  A depthwise conv (groups == in_features, stride 1, no dilation) is
+  a `DepthwiseConv`: XLA's grouped-conv gradient is very slow on the CPU (jaxmamba.nn.depthwise);
+  every other one a `conv.Conv2d`, whose weight gradient is fast on the CPU (jaxmamba.nn.conv).
   """
   if bias and bias_init is None:
     if in_features is None:
@@ -73,10 +75,11 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups
     return DepthwiseConv(features, (kernel, kernel), padding=[(padding, padding)] * 2,
                          use_bias=bias, kernel_init=kernel_init or torch_kernel_init(),
                          bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
-                 kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
-                 kernel_init=kernel_init or torch_kernel_init(),
-                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
+  return fast_conv.Conv2d(features, (kernel, kernel), strides=stride,
+                          padding=[(padding, padding)] * 2, kernel_dilation=dilation,
+                          feature_group_count=groups, use_bias=bias,
+                          kernel_init=kernel_init or torch_kernel_init(),
+                          bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
 
 
 def dense(features: int, in_features: int, bias: bool = True, name=None, kernel_init=None,
@@ -90,7 +93,9 @@ class ConvTranspose2d(nn.Module):
   """torch.nn.ConvTranspose2d (groups 1, dilation 1): out = (in-1)*stride - 2*padding + kernel.
 
   The kernel is stored (kh, kw, in, out); torch's weight is (in, out, kh, kw).  Computed as a
-  convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p.
+  convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p; on a
+  CPU, kernel == stride without padding (the U-Nets' 2x2 upsampling) as one matrix product,
+  whose gradient XLA runs ~50x faster than the dilated convolution's (jaxmamba.nn.conv).
   """
   features: int
   kernel: int
@@ -106,10 +111,13 @@ class ConvTranspose2d(nn.Module):
     w = self.param("kernel", torch_transpose_kernel_init(), (k, k, in_features, self.features))
     dtype = self.dtype or x.dtype
     pad = k - 1 - self.padding
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
-        padding=[(pad, pad)] * 2, lhs_dilation=(self.stride, self.stride),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if k == self.stride and self.padding == 0 and fast_conv.use_fast_cpu_path():
+      y = fast_conv.conv_transpose_nonoverlapping(x.astype(dtype), w.astype(dtype))
+    else:
+      y = jax.lax.conv_general_dilated(
+          x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
+          padding=[(pad, pad)] * 2, lhs_dilation=(self.stride, self.stride),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
       b = self.param("bias", torch_bias_init(self.features * k * k), (self.features,))
       y = y + b.astype(dtype)
