@@ -1,4 +1,4 @@
-"""jaxmamba.nn.conv: values and gradients equal XLA's native convolutions, parameters equal nn.Conv's."""
+"""jaxmamba.nn.conv: values and gradients equal XLA's native convs, parameters equal nn.Conv's."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
