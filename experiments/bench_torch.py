@@ -75,7 +75,8 @@ def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
 
 def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, float, float]]:
   """(what, PyTorch ms, ours ms) for forward + backward of the two convolutions that dominate
-  the U-Nets: a 3x3 conv 64->64 at full size and a 2x2 stride-2 ConvTranspose 128->64."""
+  the U-Nets: a 3x3 conv 64->64 at full size and a 2x2 stride-2 ConvTranspose 128->64 (ours as
+  the models compute them: jaxmamba.nn.conv, or XLA's native ones if that is switched off)."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -95,12 +96,17 @@ def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, 
       layer(xt).square().sum().backward()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, size, size, cin)),
                     jnp.float32)
+    fast = fast_conv.use_fast_cpu_path()
     if transpose:
       w = jnp.zeros((2, 2, cin, cout), jnp.float32) + 0.01
-      f = fast_conv.conv_transpose_nonoverlapping
+      f = (fast_conv.conv_transpose_nonoverlapping if fast else
+           lambda a, b: jax.lax.conv_general_dilated(a, b[::-1, ::-1], (1, 1), [(1, 1)] * 2,
+                                                     lhs_dilation=(2, 2),
+                                                     dimension_numbers=fast_conv.DIMS))
     else:
       w = jnp.zeros((3, 3, cin, cout), jnp.float32) + 0.01
-      f = lambda a, b: fast_conv.conv2d(a, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)  # noqa: E731
+      conv = fast_conv.conv2d if fast else fast_conv.native_conv
+      f = lambda a, b: conv(a, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)  # noqa: E731
     grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.square(f(a, b))), argnums=(0, 1)))
     rows.append((what, _median_s(torch_step, steps) * 1e3,
                  _median_s(lambda: jax.block_until_ready(grad(x, w)), steps) * 1e3))

@@ -41,6 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config name or path",
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step that compiles)")
 flags.DEFINE_bool("compare_authors", False, "time the four models of the authors' H100 rates")
 flags.DEFINE_bool("compare_torch", False, "time the PyTorch models beside ours on this machine")
+flags.DEFINE_bool("native_conv", False, "XLA's native convolutions, not jaxmamba.nn.conv's CPU "
+                  "gradients (to time the difference)")
 flags.DEFINE_integer("batch_size", None, "with --compare_*: batch (default 64 authors, 4 torch)")
 flags.DEFINE_integer("image_size", 256, "with --compare_*: the image size")
 flags.DEFINE_string("out", "", "with --compare_*: also write the table to this file")
@@ -152,6 +154,7 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
   import torch
 
   from experiments import bench_torch
+  from jaxmamba.nn import conv as conv_lib
   threads = os.cpu_count()
   torch.set_num_threads(threads)
   lines = ["| model | PyTorch train img/s | ours | ours / PyTorch | PyTorch eval img/s | ours "
@@ -169,8 +172,9 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
   for what, t_ms, o_ms in bench_torch.conv_micro(batch_size, image_size, steps):
     lines.append(f"| {what} | {t_ms:.0f} | {o_ms:.0f} | {t_ms / o_ms:.2f} |")
     print(lines[-1], flush=True)
-  lines.append(f"\nbatch {batch_size}, {image_size}x{image_size}, float32, {threads} threads "
-               f"(torch {torch.__version__}, jax {jax.__version__} on "
+  convs = "XLA's native convolutions" if not conv_lib.ENABLED else "jaxmamba.nn.conv"
+  lines.append(f"\n{convs}; batch {batch_size}, {image_size}x{image_size}, float32, "
+               f"{threads} threads (torch {torch.__version__}, jax {jax.__version__} on "
                f"{jax.devices()[0].platform}); median of {steps} steps after a warm-up one; "
                f"load average at the end {os.getloadavg()[0]:.1f}.")
   return "\n".join(lines)
@@ -178,6 +182,9 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
 
 def main(argv):
   del argv
+  if FLAGS.native_conv:
+    from jaxmamba.nn import conv
+    conv.ENABLED = False
   if FLAGS.compare_torch:
     try:
       table = compare_torch(FLAGS.steps, FLAGS.batch_size or 4, FLAGS.image_size, FLAGS.models)
