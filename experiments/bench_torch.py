@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+DIMS = ("NHWC", "HWIO", "NHWC")
+
 
 def _median_s(fn, steps: int) -> float:
   fn()                                  # warm-up (allocator, oneDNN primitive caches)
@@ -75,8 +77,8 @@ def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
 
 def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, float, float]]:
   """(what, PyTorch ms, ours ms) for forward + backward of the two convolutions that dominate
-  the U-Nets: a 3x3 conv 64->64 at full size and a 2x2 stride-2 ConvTranspose 128->64 (ours as
-  the models compute them: jaxmamba.nn.conv, or XLA's native ones if that is switched off)."""
+  the U-Nets: a 3x3 conv 64->64 at full size (ours: XLA's) and a 2x2 stride-2 ConvTranspose
+  128->64 (ours as the models compute it: jaxmamba.nn.conv, or XLA's if that is switched off)."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -101,12 +103,11 @@ def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, 
       w = jnp.zeros((2, 2, cin, cout), jnp.float32) + 0.01
       f = (fast_conv.conv_transpose_nonoverlapping if fast else
            lambda a, b: jax.lax.conv_general_dilated(a, b[::-1, ::-1], (1, 1), [(1, 1)] * 2,
-                                                     lhs_dilation=(2, 2),
-                                                     dimension_numbers=fast_conv.DIMS))
+                                                     lhs_dilation=(2, 2), dimension_numbers=DIMS))
     else:
       w = jnp.zeros((3, 3, cin, cout), jnp.float32) + 0.01
-      conv = fast_conv.conv2d if fast else fast_conv.native_conv
-      f = lambda a, b: conv(a, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)  # noqa: E731
+      f = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), [(1, 1)] * 2,  # noqa: E731
+                                                    dimension_numbers=DIMS)
     grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.square(f(a, b))), argnums=(0, 1)))
     rows.append((what, _median_s(torch_step, steps) * 1e3,
                  _median_s(lambda: jax.block_until_ready(grad(x, w)), steps) * 1e3))

@@ -60,12 +60,11 @@ def fan_out_normal_init(groups: int = 1):
 
 def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1,
            bias: bool = True, in_features: int | None = None, dilation: int = 1, name=None,
-           kernel_init=None, bias_init=None, dtype=None) -> nn.Module:
-  """A conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`).
+           kernel_init=None, bias_init=None, dtype=None) -> nn.Conv:
+  """nn.Conv with torch Conv2d's arguments and default init (bias fan_in needs `in_features`).
 
-  Parameters are `nn.Conv`'s.  A depthwise conv (groups == in_features, stride 1, no dilation) is
-  a `DepthwiseConv`: XLA's grouped-conv gradient is very slow on the CPU (jaxmamba.nn.depthwise);
-  every other one a `conv.Conv2d`, whose weight gradient is fast on the CPU (jaxmamba.nn.conv).
+  A depthwise conv (groups == in_features, stride 1, no dilation) is a `DepthwiseConv` with the
+  same parameters: XLA's grouped-conv gradient is very slow on the CPU (jaxmamba.nn.depthwise).
   """
   if bias and bias_init is None:
     if in_features is None:
@@ -75,11 +74,10 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups
     return DepthwiseConv(features, (kernel, kernel), padding=[(padding, padding)] * 2,
                          use_bias=bias, kernel_init=kernel_init or torch_kernel_init(),
                          bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
-  return fast_conv.Conv2d(features, (kernel, kernel), strides=stride,
-                          padding=[(padding, padding)] * 2, kernel_dilation=dilation,
-                          feature_group_count=groups, use_bias=bias,
-                          kernel_init=kernel_init or torch_kernel_init(),
-                          bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
+                 kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
+                 kernel_init=kernel_init or torch_kernel_init(),
+                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
 
 
 def dense(features: int, in_features: int, bias: bool = True, name=None, kernel_init=None,
