@@ -1,4 +1,4 @@
-"""jaxmamba.nn.conv: the matrix-product ConvTranspose equals XLA's dilated convolution, with grads."""
+"""jaxmamba.nn.conv: the matrix-product ConvTranspose equals XLA's dilated conv, with grads."""
 import jax
 import jax.numpy as jnp
 import numpy as np
