@@ -4,6 +4,7 @@
   python -m experiments.bench_train --config=umambabot_pp --config.dtype=bfloat16
   python -m experiments.bench_train --config=ulvmunet --config.batch_size=16 --steps=20
   python -m experiments.bench_train --compare_authors [--out=FILE.md]
+  python -m experiments.bench_train --compare_torch [--models=unet,umambabot_pp] [--out=FILE.md]
 
 Uses the config's recipe (batch size, image size 256 or --config.data.synthetic.image_size,
 dtype, scan_impl) on every visible device, but not its synthetic_run shrink and no real data;
@@ -14,6 +15,12 @@ H100, batch 64, 256x256, pooled Dice loss + Adam, no DataParallel so BatchNorm o
 batch) for UNet, ResNet18/50-seg and SegFormer in float32 and bfloat16, and prints a Markdown
 table with their images/s beside ours.  `--batch_size` and `--image_size` shrink it for a smoke
 run; the ratio column is only meaningful on an H100 at the defaults.
+
+`--compare_torch` times, in this process and at the same batch (default 4), size (256) and
+thread count (all cores), the PyTorch versions in `third_party/torch_models` and ours, with the
+same harness (float32, pooled Dice + Adam, BatchNorm over the whole batch; eval = forward in
+inference mode), and prints train and eval images/s side by side plus a convolution
+micro-benchmark (experiments/bench_torch.py; needs the test dependencies).
 """
 from __future__ import annotations
 
@@ -33,10 +40,16 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config name or path", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps (after one warm-up step that compiles)")
 flags.DEFINE_bool("compare_authors", False, "time the four models of the authors' H100 rates")
-flags.DEFINE_integer("batch_size", 64, "with --compare_authors: the batch size")
-flags.DEFINE_integer("image_size", 256, "with --compare_authors: the image size")
-flags.DEFINE_string("out", "", "with --compare_authors: also write the table to this file")
-flags.DEFINE_list("models", [], "with --compare_authors: a subset of the four models")
+flags.DEFINE_bool("compare_torch", False, "time the PyTorch models beside ours on this machine")
+flags.DEFINE_bool("native_conv", False, "XLA's native convolutions, not jaxmamba.nn.conv's CPU "
+                  "gradients (to time the difference)")
+flags.DEFINE_integer("batch_size", None, "with --compare_*: batch (default 64 authors, 4 torch)")
+flags.DEFINE_integer("image_size", 256, "with --compare_*: the image size")
+flags.DEFINE_string("out", "", "with --compare_*: also write the table to this file")
+flags.DEFINE_list("models", [], "with --compare_*: a subset of the models")
+
+# --compare_torch's default models: the CNNs, the main job's model and two UltraLights.
+TORCH_MODELS = ("unet", "resnet18_seg", "segformer", "umambabot_pp", "ulvmunet", "ulvmunet_v5")
 
 # The authors' PyTorch training rates on one H100 (images/s; batch 64, 256x256, Dice + Adam,
 # eager): float32, and bfloat16 autocast + channels_last.  Quoted in issue 7.
@@ -44,7 +57,7 @@ AUTHORS_H100 = {"unet": (545, 1415), "resnet18_seg": (3086, 4922),
                 "resnet50_seg": (1203, 2335), "segformer": (539, 308)}
 
 
-def bench(config, steps: int) -> dict:
+def bench(config, steps: int, eval_too: bool = False) -> dict:
   from jaxmamba import data
   from jaxmamba.train import recipe, trainer
   config = config.copy_and_resolve_references()
@@ -71,11 +84,29 @@ def bench(config, steps: int) -> dict:
     jax.block_until_ready(stats)
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  return {"model": config.model, "devices": setup.num_devices,
+  result = {"model": config.model, "devices": setup.num_devices,
           "platform": setup.devices[0].platform, "dtype": config.dtype,
           "batch_size": config.batch_size, "image_size": setup.train_size,
           "compile_s": compile_s, "step_s": step_s, "images_per_s": config.batch_size / step_s,
           "loss": float(stats["loss"])}
+  if eval_too:
+    result["eval_images_per_s"] = config.batch_size / _eval_step_s(setup, state, batch, steps)
+  return result
+
+
+def _eval_step_s(setup, state, batch, steps: int) -> float:
+  """Median seconds of one inference-mode forward pass of `batch`."""
+  variables = {k: state[k] for k in ("params", "batch_stats") if k in state}
+  from jaxmamba import data
+  forward = jax.jit(lambda v, x: setup.model.apply(v, x, train=False))
+  images, _ = data.to_float(batch)
+  jax.block_until_ready(forward(variables, images))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(forward(variables, images))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
 
 
 def authors_harness(name: str, dtype: str, batch_size: int, image_size: int):
@@ -112,11 +143,62 @@ def compare_authors(steps: int, batch_size: int, image_size: int, models=()) -> 
   return "\n".join(lines)
 
 
+def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> str:
+  """Markdown table: PyTorch and our train/eval images/s per model, then the conv rows."""
+  import os
+
+  from jaxmamba.models import registry
+  unknown = set(models) - set(registry.names())
+  if unknown:
+    raise ValueError(f"unknown model(s) {sorted(unknown)}; known: {', '.join(registry.names())}")
+  import torch
+
+  from experiments import bench_torch
+  from jaxmamba.nn import conv as conv_lib
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  lines = ["| model | PyTorch train img/s | ours | ours / PyTorch | PyTorch eval img/s | ours "
+           "| ours / PyTorch |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for name in models or TORCH_MODELS:
+    theirs = bench_torch.rates(name, batch_size, image_size, steps)
+    ours = bench(authors_harness(name, "float32", batch_size, image_size), steps, eval_too=True)
+    lines.append(f"| {name} | {theirs['train']:.2f} | {ours['images_per_s']:.2f} | "
+                 f"{ours['images_per_s'] / theirs['train']:.2f} | {theirs['eval']:.2f} | "
+                 f"{ours['eval_images_per_s']:.2f} | "
+                 f"{ours['eval_images_per_s'] / theirs['eval']:.2f} |")
+    print(lines[-1], flush=True)
+  lines += ["", "| convolution micro-benchmark | PyTorch ms | ours ms | PyTorch / ours |",
+            "|---|---:|---:|---:|"]
+  for what, t_ms, o_ms in bench_torch.conv_micro(batch_size, image_size, steps):
+    lines.append(f"| {what} | {t_ms:.0f} | {o_ms:.0f} | {t_ms / o_ms:.2f} |")
+    print(lines[-1], flush=True)
+  convs = "XLA's native convolutions" if not conv_lib.ENABLED else "jaxmamba.nn.conv"
+  lines.append(f"\n{convs}; batch {batch_size}, {image_size}x{image_size}, float32, "
+               f"{threads} threads (torch {torch.__version__}, jax {jax.__version__} on "
+               f"{jax.devices()[0].platform}); median of {steps} steps after a warm-up one; "
+               f"load average at the end {os.getloadavg()[0]:.1f}.")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if FLAGS.native_conv:
+    from jaxmamba.nn import conv
+    conv.ENABLED = False
+  if FLAGS.compare_torch:
+    try:
+      table = compare_torch(FLAGS.steps, FLAGS.batch_size or 4, FLAGS.image_size, FLAGS.models)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(table)
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        f.write(table + "\n")
+    return
   if FLAGS.compare_authors:
     try:
-      table = compare_authors(FLAGS.steps, FLAGS.batch_size, FLAGS.image_size, FLAGS.models)
+      table = compare_authors(FLAGS.steps, FLAGS.batch_size or 64, FLAGS.image_size,
+                              FLAGS.models)
     except ValueError as e:
       sys.exit(f"error: {e}")
     print(table)

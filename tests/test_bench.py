@@ -104,3 +104,25 @@ def test_bench_train_compare_authors_cli(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_authors",
                         "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "no authors' rate for ['vgg']" in bad.stderr
+
+
+def test_bench_train_compare_torch_cli(tmp_path):
+  """PyTorch and our rates side by side: ratios are ours / PyTorch, the conv rows follow."""
+  pytest.importorskip("torch")
+  out = tmp_path / "torch.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--compare_torch", "--models=unet",
+       "--batch_size=2", "--image_size=32", "--steps=1", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = out.read_text()
+  (row,) = [l for l in text.splitlines() if l.startswith("| unet")]
+  cells = [float(x) for x in row.split("|")[2:-1]]
+  assert min(cells) > 0
+  assert cells[2] == pytest.approx(cells[1] / cells[0], abs=0.006)
+  assert cells[5] == pytest.approx(cells[4] / cells[3], abs=0.006)
+  convs = [l for l in text.splitlines() if l.startswith(("| conv 3x3", "| ConvTranspose"))]
+  assert len(convs) == 2 and "jaxmamba.nn.conv; batch 2, 32x32" in text
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_torch",
+                        "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "unknown model(s) ['vgg']" in bad.stderr

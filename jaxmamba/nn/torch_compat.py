@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.nn import conv as fast_conv
 from jaxmamba.nn.depthwise import DepthwiseConv
 
 # ------------------------------------------------------------------------------------------------
@@ -90,7 +91,9 @@ class ConvTranspose2d(nn.Module):
   """torch.nn.ConvTranspose2d (groups 1, dilation 1): out = (in-1)*stride - 2*padding + kernel.
 
   The kernel is stored (kh, kw, in, out); torch's weight is (in, out, kh, kw).  Computed as a
-  convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p.
+  convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p; on a
+  CPU, kernel == stride without padding (the U-Nets' 2x2 upsampling) as one matrix product,
+  whose gradient XLA runs ~50x faster than the dilated convolution's (jaxmamba.nn.conv).
   """
   features: int
   kernel: int
@@ -106,10 +109,13 @@ class ConvTranspose2d(nn.Module):
     w = self.param("kernel", torch_transpose_kernel_init(), (k, k, in_features, self.features))
     dtype = self.dtype or x.dtype
     pad = k - 1 - self.padding
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
-        padding=[(pad, pad)] * 2, lhs_dilation=(self.stride, self.stride),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if k == self.stride and self.padding == 0 and fast_conv.use_fast_cpu_path():
+      y = fast_conv.conv_transpose_nonoverlapping(x.astype(dtype), w.astype(dtype))
+    else:
+      y = jax.lax.conv_general_dilated(
+          x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
+          padding=[(pad, pad)] * 2, lhs_dilation=(self.stride, self.stride),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
       b = self.param("bias", torch_bias_init(self.features * k * k), (self.features,))
       y = y + b.astype(dtype)
