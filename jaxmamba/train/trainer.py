@@ -30,8 +30,9 @@ from jaxmamba import checkpoint_io, data
 from jaxmamba.models import registry
 from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
+from jaxmamba.data import splits as splits_lib
 from jaxmamba.train import evaluate as ev
-from jaxmamba.train import bn_chunks, losses, recipe
+from jaxmamba.train import bn_chunks, losses, metrics, recipe
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.writers import MetricWriter
 
@@ -177,9 +178,10 @@ class _Setup:
       v["batch_stats"] = state["batch_stats"]
     return v
 
-  def evaluate(self, state, slice_set, keep=None) -> dict:
+  def evaluate(self, state, slice_set, keep=None, per_case=False) -> dict:
     return ev.evaluate(self.eval_step, self.variables(state), slice_set,
-                       self.config.eval_batch_size, self.batch_sharding, self.num_devices, keep)
+                       self.config.eval_batch_size, self.batch_sharding, self.num_devices, keep,
+                       per_case)
 
 
 def _score(config, val: dict) -> float:
@@ -245,7 +247,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "config": config.to_dict()})
   say(f"{config.model}: {s.num_params:,} parameters on {s.num_devices} device(s) "
       f"({s.devices[0].platform}); {len(s.splits.train)}/{len(s.splits.val)}/{len(s.splits.test)} "
-      f"train/val/test slices; {s.total_steps} steps of batch {config.batch_size}")
+      f"train/val/test slices, {splits_lib.protocol(config.data)}; {s.total_steps} steps of "
+      f"batch {config.batch_size}")
 
   ckpt = Checkpointer(workdir, config.keep_checkpoints)
   host = _HostState(os.path.join(ckpt.root, "host_state.json"))
@@ -393,7 +396,8 @@ class _InterruptFlag:
 def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
   """Validation, best checkpoint, plateau LR and early stopping after an epoch."""
   val = s.evaluate(state, s.splits.val)
-  record = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in _summary(val).items()}}
+  record = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in _summary(val).items()},
+            "protocol": splits_lib.protocol(config.data)}
   score = _score(config, val)
   if score < book["best_score"]:
     book["best_score"], book["since_best"] = score, 0
@@ -423,6 +427,7 @@ def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
 
 def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   """Metrics of the final and best checkpoints on val and test; results.json and figures."""
+  fragments = splits_lib.split_mode(config.data.split) == "paper"
   results = {
       "model": config.model, "num_params": s.num_params,
       "paper_params": registry.entry(config.model).paper_params,
@@ -430,14 +435,23 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
       "train_time_s": book["train_time_s"],
       "images_per_s": book["timed_images"] / book["timed_s"] if book["timed_s"] else None,
       "devices": [str(d) for d in s.devices], "dtype": config.dtype,
-      "recipe": config.recipe, "synthetic": not config.data.dir, "data_split": config.data.split,
+      "recipe": config.recipe, "synthetic": not config.data.dir,
+      "data_split": splits_lib.split_mode(config.data.split),
+      "protocol": splits_lib.protocol(config.data),
+      "folds": config.data.get("folds", 0), "fold": config.data.get("fold", 0),
+      "split_seed": config.data.split_seed,
       "threshold": config.threshold, "select": config.select,
       "metric_notes": {
           "paper": "pooled over each test batch, mean over batches (spec §9.6); dice is NaN if "
                    "any batch is all-empty, dice_nanmean skips those batches",
           "slice": "per-slice mean at sigmoid>=0.5; empty prediction on empty mask = 1, "
                    "otherwise empty mask = 0; *_tumour: tumour-positive slices only",
-          "patient": "per-patient 3-D Dice (Buda et al. 2019), mean over patients"},
+          "patient": "per-patient 3-D Dice (Buda et al. 2019), IoU and HD95 at sigmoid>=0.5, mean "
+                     "over patients; cases: one record per test patient. " + (
+                         "Under the paper's slice split each patient's test slices are fragments "
+                         "of a volume whose other slices were trained on."
+                         if fragments else ""),
+          "empty": metrics.EMPTY_CONVENTIONS},
   }
   # The test passes also keep the figure slices' predictions (every process runs them: their
   # steps are collectives), so the chosen checkpoint's figures need no extra pass.
@@ -446,7 +460,7 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   figure_preds = {}
 
   def on_test(which, at_state):
-    result = s.evaluate(at_state, test, keep=idx)
+    result = s.evaluate(at_state, test, keep=idx, per_case=True)
     figure_preds[which] = result.pop("predictions")
     return result
 
@@ -477,8 +491,10 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
       f"{os.path.join(workdir, 'predictions.png')}")
   if config.synthetic_quick:
     say(REAL_DATA_HINT)
-  say(f"test ({chosen} checkpoint, step {results[chosen]['step']}): "
+  patient = "per-patient (fragments: also trained on)" if fragments else "per-patient"
+  say(f"test ({chosen} checkpoint, step {results[chosen]['step']}; {results['protocol']}): "
       f"Dice {r['paper']['dice']:.4f} IoU {r['paper']['iou']:.4f} (paper metric); "
       f"per-slice Dice {r['slice']['dice']:.4f} IoU {r['slice']['iou']:.4f}; "
-      f"per-patient Dice {r['patient']['dice']:.4f}")
+      f"{patient} Dice {r['patient']['dice']:.4f} IoU {r['patient']['iou']:.4f} "
+      f"HD95 {r['patient']['hd95']:.1f} px")
   return results
