@@ -60,8 +60,10 @@ def main(argv, name):
   train_and_evaluate(_CONFIG.value, workdir)
 
 
-def run(argv=None):
+def run(argv=None, entry=None):
+  """The CLI: resolves `--config=NAME`, then calls `entry(argv, name)` (default `main`)."""
   argv = sys.argv if argv is None else argv
+  entry = entry or main
   try:
     argv, name = base.resolve_argv(argv)
   except ValueError as e:
@@ -71,7 +73,7 @@ def run(argv=None):
 
   def _main(args):
     try:
-      main(args, name)
+      entry(args, name)
     except KeyboardInterrupt:
       sys.exit(130)
     except (ValueError, FloatingPointError) as e:

@@ -165,6 +165,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
     ({"dtype": "float16"}, "dtype must be one of"),
     ({"loss": "focal"}, "loss must be one of"),
     ({"bn_chunks": 0}, "bn_chunks must be a positive integer"),
+    ({"data.split": "slices"}, "data.split must be one of patient, paper"),
+    ({"data.split": "paper", "data.folds": 5}, r"needs data.split='patient'"),
+    ({"data.folds": 5, "data.fold": 5}, r"data.fold in \[0, folds\)"),
 ])
 def test_bad_config_values(overrides, message, tmp_path):
   from jaxmamba.train import train_and_evaluate
