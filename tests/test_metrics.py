@@ -137,17 +137,19 @@ def test_case_metrics_stack_slices_in_order_and_summarise():
   true = np.zeros((5, 8, 8), bool)
   true[1:4, 2:5, 2:5] = True                 # patient A: slices 0..3 ; patient B: slice 4 (empty)
   pred = true.copy()
-  pred[3] = False
+  pred[2:4] = False                          # only slice 1 found
   patients = np.array(["A", "A", "A", "A", "B"])
   shuffled = np.array([2, 0, 4, 3, 1])       # the split's order; `order` restores slice order
   cases = metrics.case_metrics(pred[shuffled], true[shuffled], patients[shuffled],
                                order=np.argsort(shuffled))
   a, b = cases
-  assert (a["patient"], a["slices"], a["true_pixels"], a["pred_pixels"]) == ("A", 4, 27, 18)
-  assert a["dice"] == pytest.approx(2 * 18 / 45) and a["iou"] == pytest.approx(18 / 27)
+  assert (a["patient"], a["slices"], a["true_pixels"], a["pred_pixels"]) == ("A", 4, 27, 9)
+  assert a["dice"] == pytest.approx(2 * 9 / 36) and a["iou"] == pytest.approx(9 / 27)
   assert a["hd95"] == pytest.approx(metrics.hd95(pred[:4], true[:4]))
+  # stacked in the split's order instead, the volume (and its HD95) would differ
+  assert a["hd95"] != pytest.approx(metrics.hd95(pred[[2, 0, 3, 1]], true[[2, 0, 3, 1]]))
   assert (b["dice"], b["iou"], b["hd95"]) == (1.0, 1.0, 0.0)
   s = metrics.summarise_cases(cases + [dict(b, dice=0.0, iou=0.0, hd95=float("nan"))])
   assert s["num_patients"] == 3 and s["hd95_undefined"] == 1
-  assert s["dice"] == pytest.approx((0.8 + 1.0 + 0.0) / 3)
+  assert s["dice"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
   assert s["hd95"] == pytest.approx(a["hd95"] / 2)            # NaN left out of the mean
