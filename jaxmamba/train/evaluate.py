@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +76,12 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
   result["slice"] = metrics.slice_metrics(*counts)
   result["patient"] = metrics.patient_metrics(*counts, patients=slice_set.patients)
   if per_case:
+    t0 = time.perf_counter()
     pred = np.concatenate(proper_preds) if proper_preds else np.zeros(slice_set.masks.shape, bool)
     result["cases"] = metrics.case_metrics(pred, slice_set.masks > 0, slice_set.patients,
                                            canonical_order(slice_set))
     result["patient"].update(metrics.summarise_cases(result["cases"]))
+    result["patient"]["case_metrics_s"] = time.perf_counter() - t0   # mostly HD95
   if keep is not None:
     result["predictions"] = np.stack([kept[int(i)] for i in keep]) if len(keep) else \
         np.zeros((0,) + slice_set.masks.shape[1:], bool)

@@ -227,6 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tensorboard/, results.json, predictions.png, figure_slices.npz.  Rerunning in the same workdir
   resumes from the latest checkpoint.  Returns the results dict.
   """
+  started = time.perf_counter()
   config = recipe.resolve_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -235,6 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "source with a shrunken run (config.synthetic_run). " + REAL_DATA_HINT)
 
   s = _Setup(config, workdir)
+  setup_s = time.perf_counter() - started
   e = registry.entry(config.model)
   if jax.process_index() == 0:
     data.write_split_json(s.splits, os.path.join(workdir, "split.json"))
@@ -267,6 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   book.setdefault("train_time_s", 0.0)
   book.setdefault("timed_images", 0)
   book.setdefault("timed_s", 0.0)
+  book.setdefault("val_time_s", 0.0)
   book.setdefault("early_stopped", False)
 
   def checkpoint(at_step, at_state):
@@ -291,7 +294,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.wait()
   writer.close()
 
-  results = _final_evaluation(s, config, state, step, book, ckpt, workdir)
+  results = _final_evaluation(s, config, state, step, book, ckpt, workdir,
+                              {"setup_s": setup_s, "started": started})
   ckpt.close()
   return results
 
@@ -395,7 +399,9 @@ class _InterruptFlag:
 
 def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
   """Validation, best checkpoint, plateau LR and early stopping after an epoch."""
+  t0 = time.perf_counter()
   val = s.evaluate(state, s.splits.val)
+  book["val_time_s"] += time.perf_counter() - t0
   record = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in _summary(val).items()},
             "protocol": splits_lib.protocol(config.data)}
   score = _score(config, val)
@@ -425,9 +431,10 @@ def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
   return state
 
 
-def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
+def _final_evaluation(s, config, state, step, book, ckpt, workdir, timing) -> dict:
   """Metrics of the final and best checkpoints on val and test; results.json and figures."""
   fragments = splits_lib.split_mode(config.data.split) == "paper"
+  evaluation_start = time.perf_counter()
   results = {
       "model": config.model, "num_params": s.num_params,
       "paper_params": registry.entry(config.model).paper_params,
@@ -458,16 +465,23 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   test = s.splits.test
   idx = ev.figure_indices(test, config.num_figure_slices)
   figure_preds = {}
+  case_times = []
 
   def on_test(which, at_state):
     result = s.evaluate(at_state, test, keep=idx, per_case=True)
     figure_preds[which] = result.pop("predictions")
+    case_times.append(result["patient"]["case_metrics_s"])
     return result
 
   results["final"] = {"step": step, "val": s.evaluate(state, s.splits.val),
                       "test": on_test("final", state)}
   best_state, best_step = ckpt.restore_best(state)
-  if best_state is not None:
+  if best_state is not None and int(best_step) == step:
+    # The best checkpoint holds the final parameters: same scores, no second pass.
+    results["best"] = {"step": step, "metric": config.best_metric, **{
+        k: results["final"][k] for k in ("val", "test")}}
+    figure_preds["best"] = figure_preds["final"]
+  elif best_state is not None:
     results["best"] = {"step": int(best_step), "metric": config.best_metric,
                        "val": s.evaluate(best_state, s.splits.val),
                        "test": on_test("best", best_state)}
@@ -476,6 +490,13 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   chosen_state = best_state if config.select == "best" and best_state is not None else state
   chosen = "best" if chosen_state is best_state else "final"
   results["selected"] = chosen
+  # Time spent besides training steps: this session's setup (data loading, split, initial state)
+  # and final val/test passes (per-case metrics included), and the per-epoch validation passes
+  # of the whole run (also inside train_time_s).
+  results["timing_s"] = {"setup": timing["setup_s"], "validation": book["val_time_s"],
+                         "final_evaluation": time.perf_counter() - evaluation_start,
+                         "case_metrics": sum(case_times),
+                         "session_wall": time.perf_counter() - timing["started"]}
   _write_json(os.path.join(workdir, "results.json"), results)
 
   preds = figure_preds[chosen]
