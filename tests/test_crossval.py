@@ -5,6 +5,8 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -193,3 +195,14 @@ def test_every_output_names_the_protocol(tiny, tmp_path, capsys, split):  # noqa
   assert 0 < timing["case_metrics"] < timing["final_evaluation"] < timing["session_wall"]
   if saved["best"]["step"] == saved["final"]["step"]:     # one pass serves both
     assert saved["best"]["test"] == saved["final"]["test"]
+
+
+def test_cli_checks_its_arguments(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.cv", "--config=unet", "--folds=1",
+                         f"--workdir={tmp_path}"], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "need --folds >= 2" in proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "experiments.cv", "--config=nosuch"], cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "unknown config 'nosuch'" in proc.stderr
