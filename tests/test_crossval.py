@@ -136,7 +136,7 @@ def test_interrupted_cross_validation_resumes_where_it_stopped(tiny, tmp_path, m
   runs = crossval.run_folds(_cv_config(), workdir, folds=3, seeds=1)
   out = capsys.readouterr().out
   assert called == ["fold_1", "fold_2"]                         # fold 1 was not redone
-  assert "fold 1/3: done before" in out and "resumed from step 2" in out
+  assert "fold 0 (1 of 3): done before" in out and "resumed from step 2" in out
 
   cases, results = crossval.collect_cases(runs)
   summary = crossval.summarise(cases, results)

@@ -56,7 +56,9 @@ def run_folds(config, workdir: str, folds: int, seeds: int) -> list[tuple[int, i
       d = fold_dir(workdir, fold, seed, seeds)
       runs.append((seed, fold, d))
       results = os.path.join(d, "results.json")
-      label = f"fold {fold + 1}/{folds}" + (f", seed {seed + 1}/{seeds}" if seeds > 1 else "")
+      # fold_i and seed s are 0-based, as in the folder names, cases.csv and results.json.
+      label = f"fold {fold} ({fold + 1} of {folds})" + (
+          f", seed {seed} ({seed + 1} of {seeds})" if seeds > 1 else "")
       if os.path.exists(results):
         _load_results(results, folds, fold)
         print(f"{label}: done before ({results}); skipped", flush=True)
