@@ -17,7 +17,7 @@ import time
 import ml_collections
 import numpy as np
 
-from jaxmamba.train import metrics
+from jaxmamba.train import metrics, writers
 
 CASE_COLUMNS = ("patient", "fold", "seed", "slices", "true_pixels", "pred_pixels", "dice", "iou",
                 "hd95")
@@ -125,17 +125,21 @@ def write_outputs(workdir: str, cases: list[dict], summary: dict) -> None:
     w.writerows(cases)
   tmp = os.path.join(workdir, "summary.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
+    json.dump(writers.plain(summary), f, indent=2)   # NaN (undefined) -> null: strict JSON
   os.replace(tmp, os.path.join(workdir, "summary.json"))
+
+
+def _num(x, digits: int = 3) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
 def headline(summary: dict) -> str:
   p, f = summary["patients"], summary["over_folds"]["dice"]
-  fold_sd = f"{f['sd']:.3f}" if f["sd"] is not None else "n/a"
   return (f"{summary['model']} ({summary['protocol']}, {summary['seeds']} seed(s)): per-patient "
-          f"Dice {p['dice']:.3f} ± {p['dice_sd']:.3f} (mean ± sd over {p['num_patients']} "
-          f"patients; median {p['dice_median']:.3f}; over folds {f['mean']:.3f} ± {fold_sd}), "
-          f"IoU {p['iou']:.3f}, HD95 {p['hd95']:.1f} px ({p['hd95_undefined']} undefined)")
+          f"Dice {_num(p['dice'])} ± {_num(p['dice_sd'])} (mean ± sd over {p['num_patients']} "
+          f"patients; median {_num(p['dice_median'])}; over folds {_num(f['mean'])} ± "
+          f"{_num(f['sd'])}), IoU {_num(p['iou'])}, HD95 {_num(p['hd95'], 1)} px "
+          f"({p['hd95_undefined']} undefined)")
 
 
 def is_cv_dir(path: str) -> bool:
