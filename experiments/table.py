@@ -167,7 +167,8 @@ def write_tables(rows: list[dict], out: str) -> None:
            "(slice): per-slice mean, empty-on-empty = 1. (patient): per patient volume "
            "(Dice, IoU, HD95 in pixels), mean over patients; under the paper's slice split a "
            "test patient is a few slices of a volume trained on (fragments). Cross-validation "
-           "rows: mean ± sd over patients (patient columns) or over folds (the others).\n")
+           "rows: mean ± sd over patients (patient columns) or over folds (the others); train time "
+           "summed over folds.\n")
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n" + notes)
 
@@ -275,7 +276,7 @@ def figure4(rows: list[dict], names: list[str], dice: list[list[float]], path: s
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4.5))
+  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
   positions = np.arange(1, len(rows) + 1)
   ax.boxplot(dice, positions=positions, widths=0.5, showfliers=False)
   jitter = np.random.default_rng(0)
@@ -294,7 +295,7 @@ def figure4(rows: list[dict], names: list[str], dice: list[list[float]], path: s
   ax.set_xticks(positions, labels, fontsize=7)
   ax.set_ylim(-0.02, 1.02)
   ax.set_ylabel("test Dice per patient volume")
-  ax.set_title("Per-patient Dice distribution (protocol under each model)")
+  ax.set_title("Per-patient test Dice (protocol under each model)", fontsize=10)
   ax.legend(fontsize=7, loc="lower left")
   ax.grid(True, axis="y", alpha=0.3)
   fig.tight_layout()
