@@ -333,7 +333,8 @@ def main(argv):
     print(f.read())
   print(f"wrote {FLAGS.out}/{', '.join(written)}")
   if "figure3.png" not in written:
-    print("figure3.png not drawn: the runs share no test slices (different data or splits)")
+    print("figure3.png not drawn: no test slice is in every run's figure_slices.npz (different "
+          "data or splits; cross-validation folders keep none)")
 
 
 if __name__ == "__main__":
