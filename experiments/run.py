@@ -75,8 +75,10 @@ def main(argv, name, config_arg=""):
   train_and_evaluate(_CONFIG.value, workdir, restart=FLAGS.restart)
 
 
-def run(argv=None):
+def run(argv=None, entry=None):
+  """The CLI: resolves `--config=NAME[:ARG]`, then calls `entry(argv, NAME, ARG)` (default `main`)."""
   argv = sys.argv if argv is None else argv
+  entry = entry or main
   try:
     argv, name = base.resolve_argv(argv)
   except ValueError as e:
@@ -89,7 +91,7 @@ def run(argv=None):
   def _main(args):
     from jaxmamba.errors import UserError
     try:
-      main(args, name, config_arg)
+      entry(args, name, config_arg)
     except KeyboardInterrupt:
       sys.exit(130)
     except (UserError, FloatingPointError) as e:   # fixable from the message: one line

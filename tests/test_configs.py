@@ -47,7 +47,7 @@ def test_paper_recipe(name):
   assert c.model == name and c.num_epochs == 100 and c.max_steps == 0
   assert c.schedule == "constant" and c.select == "final" and c.recipe == "paper"
   assert c.plateau_patience == 0 and c.early_stopping_patience == 0
-  assert c.data.dir == "" and c.data.split == "slice" and not c.data.augment.enabled
+  assert c.data.dir == "" and c.data.split == "patient" and not c.data.augment.enabled
   assert ("scan_impl" in c) == (registry.entry(name).family in ("umamba", "ultralight"))
   # On real data nothing is shrunk.
   c.data.dir = ROOT
@@ -83,6 +83,9 @@ def test_improved_recipe_applies_at_run_time():
   assert (r.loss, r.schedule, r.select, r.data.split) == ("dice_bce_per_image", "cosine", "best",
                                                           "patient")
   assert r.data.augment.enabled and r.optimizer == "adamw"
+  c.data.split = "paper"           # the improved recipe keeps the split it is given
+  assert recipe.resolve_config(c).data.split == "paper"
+  c.data.split = "patient"
   # the paper's recipe keeps the authors' 4-GPU DataParallel BatchNorm chunks; improved does not
   assert recipe.resolve_config(_load("unet")).bn_chunks == 4 and r.bn_chunks == 1
   c.recipe = "best-ever"

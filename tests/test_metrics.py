@@ -88,3 +88,68 @@ def test_accumulator_drops_padding():
            "true": np.array([1, 2, 9])}, valid=2)
   inter, _, _ = acc.arrays()
   assert inter.tolist() == [1, 2]
+
+
+def _brute_hd95(pred, true):
+  """HD95 from every pairwise distance between surface voxels (face-neighbour rule, by hand)."""
+  def surface(m):
+    padded = np.pad(m, 1)
+    inner = np.ones_like(m)
+    for axis in range(m.ndim):
+      for shift in (-1, 1):
+        inner &= np.roll(padded, shift, axis)[tuple(slice(1, -1) for _ in range(m.ndim))]
+    return np.argwhere(m & ~inner).astype(np.float64)
+  sp, st = surface(pred), surface(true)
+  d = np.sqrt(((sp[:, None, :] - st[None, :, :]) ** 2).sum(-1))
+  return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hd95_matches_brute_force_on_random_volumes(seed):
+  from scipy import ndimage
+  rng = np.random.default_rng(seed)
+  shape = (int(rng.integers(2, 6)), 20, 24)
+  # Blobby random masks (smoothed noise), some touching the volume's edge.
+  pred = ndimage.uniform_filter(rng.random(shape), 3) > 0.55
+  true = ndimage.uniform_filter(rng.random(shape), 3) > 0.55
+  if seed == 0:
+    pred[:, :3] = True                       # on the border
+  if not pred.any() or not true.any():
+    pytest.skip("empty draw")
+  assert metrics.hd95(pred, true) == pytest.approx(_brute_hd95(pred, true), rel=1e-9)
+  assert metrics.hd95(true, pred) == pytest.approx(metrics.hd95(pred, true))
+
+
+def test_hd95_simple_cases_and_empty_conventions():
+  a = np.zeros((3, 10, 10), bool)
+  a[1, 2:5, 2:5] = True
+  b = np.roll(a, 4, axis=2)                  # the same square moved 4 pixels
+  assert metrics.hd95(a, a) == 0.0
+  assert metrics.hd95(a, b) == pytest.approx(4.0)
+  empty = np.zeros_like(a)
+  assert metrics.hd95(empty, empty) == 0.0                   # both empty: perfect
+  assert np.isnan(metrics.hd95(a, empty)) and np.isnan(metrics.hd95(empty, a))
+  with pytest.raises(ValueError, match="differ in shape"):
+    metrics.hd95(a, a[:2])
+
+
+def test_case_metrics_stack_slices_in_order_and_summarise():
+  true = np.zeros((5, 8, 8), bool)
+  true[1:4, 2:5, 2:5] = True                 # patient A: slices 0..3 ; patient B: slice 4 (empty)
+  pred = true.copy()
+  pred[2:4] = False                          # only slice 1 found
+  patients = np.array(["A", "A", "A", "A", "B"])
+  shuffled = np.array([2, 0, 4, 3, 1])       # the split's order; `order` restores slice order
+  cases = metrics.case_metrics(pred[shuffled], true[shuffled], patients[shuffled],
+                               order=np.argsort(shuffled))
+  a, b = cases
+  assert (a["patient"], a["slices"], a["true_pixels"], a["pred_pixels"]) == ("A", 4, 27, 9)
+  assert a["dice"] == pytest.approx(2 * 9 / 36) and a["iou"] == pytest.approx(9 / 27)
+  assert a["hd95"] == pytest.approx(metrics.hd95(pred[:4], true[:4]))
+  # stacked in the split's order instead, the volume (and its HD95) would differ
+  assert a["hd95"] != pytest.approx(metrics.hd95(pred[[2, 0, 3, 1]], true[[2, 0, 3, 1]]))
+  assert (b["dice"], b["iou"], b["hd95"]) == (1.0, 1.0, 0.0)
+  s = metrics.summarise_cases(cases + [dict(b, dice=0.0, iou=0.0, hd95=float("nan"))])
+  assert s["num_patients"] == 3 and s["hd95_undefined"] == 1
+  assert s["dice"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+  assert s["hd95"] == pytest.approx(a["hd95"] / 2)            # NaN left out of the mean

@@ -19,7 +19,7 @@ def test_umambabot_pp_runlocal(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
-  assert lines[-1].startswith("test (final checkpoint, step 4): Dice")
+  assert lines[-1].startswith("test (final checkpoint, step 4; patient split (held-out patients)): Dice")
   assert any("--config.data.dir=PATH/kaggle_3m" in line for line in lines)
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["model"] == "umambabot_pp" and results["num_params"] == 10_076_356

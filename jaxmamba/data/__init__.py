@@ -3,7 +3,7 @@
 API (what the trainer calls)::
 
   from jaxmamba import data
-  cfg = data.default_config()        # dir="" -> synthetic; split="patient"|"slice"; split_seed;
+  cfg = data.default_config()        # dir="" -> synthetic; split="patient"|"paper"; split_seed;
                                      # tfds_dir; synthetic.{num_patients, slices_per_patient,
                                      # image_size, seed}; augment.{enabled=False, flip_lr, ...}
   splits = data.load_splits(cfg)     # data.Splits(train, val, test) of data.SliceSet:
@@ -36,8 +36,9 @@ Mazurowski, Computers in Biology and Medicine 109 (2019) 218-225,
 doi:10.1016/j.compbiomed.2019.05.002.  (Full text: `tfds_lgg.MANUAL_DOWNLOAD_INSTRUCTIONS`.)
 
 Splits: by patient by default (80/10/10, stratified by tumour presence, seeded, independent of
-file-listing order); `split="slice"` reproduces the paper's sklearn slice split (random_state
-37) on the sorted file list and leaks patients across splits.  Determinism: batches depend only
+file-listing order); `folds=k, fold=i` make fold i of a k-fold cross-validation by patient the
+test set; `split="paper"` reproduces the paper's sklearn slice split (random_state 37) on the
+sorted file list and leaks patients across splits.  Determinism: batches depend only
 on (seed, epoch).
 """
 from jaxmamba.data.augment import augment

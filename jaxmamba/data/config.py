@@ -14,10 +14,15 @@ def default_config() -> ml_collections.ConfigDict:
   # kaggle_3m folder (PATIENT/PATIENT_N.tif + PATIENT/PATIENT_N_mask.tif); "" = synthetic data.
   cfg.dir = ""
   # "patient": 80/10/10 by patient, stratified by tumour presence (seeded by split_seed).
-  # "slice": the paper's slice-level split (sklearn train_test_split, random_state
-  #   paper_random_state) on the sorted file list; it leaks patients across splits.
+  # "paper": the paper's slice-level split (sklearn train_test_split, random_state
+  #   paper_random_state) on the sorted file list; it leaks patients across splits ("slice" is
+  #   accepted as its earlier name).
   cfg.split = "patient"
   cfg.split_seed = 0
+  # Cross-validation by patient (experiments/cv.py sets these): folds = k > 0 makes fold `fold`
+  # (0-based) the test set, validation patients come from the other folds; 0 = the 80/10/10 split.
+  cfg.folds = 0
+  cfg.fold = 0
   cfg.paper_random_state = 37
   cfg.tfds_dir = DEFAULT_TFDS_DIR
 

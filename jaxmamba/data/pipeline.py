@@ -6,7 +6,6 @@ from jaxmamba.data import splits as splits_lib
 from jaxmamba.data import synthetic
 from jaxmamba.data.errors import DataError
 from jaxmamba.data.slices import SliceSet, Splits
-from jaxmamba.errors import ConfigError
 
 
 def load_all(cfg) -> SliceSet:
@@ -31,6 +30,6 @@ def load_splits(cfg) -> Splits:
 
   Raises DataError for any problem with the data folder, before training starts.
   """
-  if cfg.split not in ("patient", "slice"):
-    raise ConfigError(f"data.split must be 'patient' or 'slice', got {cfg.split!r}")
-  return splits_lib.split_slices(load_all(cfg), cfg.split, cfg.split_seed, cfg.paper_random_state)
+  splits_lib.split_mode(cfg.split)   # a bad value fails before the data is read
+  return splits_lib.split_slices(load_all(cfg), cfg.split, cfg.split_seed, cfg.paper_random_state,
+                                 cfg.get("folds", 0), cfg.get("fold", 0))

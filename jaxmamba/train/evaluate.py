@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmamba.data.loader import pixels_to_float
+from jaxmamba.data.splits import canonical_order
 from jaxmamba.train import metrics
 
 
@@ -23,7 +25,8 @@ def make_eval_step(model, loss_fn, threshold: str, has_bn: bool):
     paper = metrics.pixel_counts(logits, y, threshold)
     proper = metrics.pixel_counts(logits, y, "sigmoid")
     return {"paper": paper, "proper": proper, "loss": loss_fn(logits, y, weights=w),
-            "pred": metrics.binarize(logits, threshold)[..., 0]}
+            "pred": metrics.binarize(logits, threshold)[..., 0],
+            "pred_proper": metrics.binarize(logits, "sigmoid")[..., 0]}
   return step
 
 
@@ -33,13 +36,15 @@ def _global(array: np.ndarray, sharding):
 
 
 def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
-             num_devices: int, keep=None) -> dict:
+             num_devices: int, keep=None, per_case: bool = False) -> dict:
   """Runs the model over `slice_set` in order, `batch_size` slices per batch.
 
   Batches are padded to a multiple of the device count (and the last one to full size) with
   weight-0 images so that one compiled shape serves every batch; padding is dropped from counts.
   Returns {"loss", "paper": {...}, "slice": {...}, "patient": {...}}, plus "predictions"
-  (bool (k, H, W), the paper's binarisation) for the slice indices in `keep` when given.
+  (bool (k, H, W), the paper's binarisation) for the slice indices in `keep` when given, and
+  with `per_case` "cases": one record per patient volume (metrics.case_metrics: Dice, IoU, HD95
+  at sigmoid >= 0.5) whose summary (mean, sd, median) joins "patient".
   """
   keep = None if keep is None else np.asarray(keep, np.int64)
   kept = {}
@@ -47,6 +52,7 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
   padded = int(math.ceil(batch_size / num_devices) * num_devices)
   paper, proper = metrics.CountAccumulator(), metrics.CountAccumulator()
   batch_losses = []
+  proper_preds = []
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
     k = stop - start
@@ -60,6 +66,8 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
     if keep is not None:
       for i in keep[(keep >= start) & (keep < stop)]:
         kept[int(i)] = np.asarray(jax.device_get(out["pred"][i - start]))
+    if per_case:
+      proper_preds.append(np.asarray(jax.device_get(out["pred_proper"]))[:k])
     paper.add(out["paper"], k)
     proper.add(out["proper"], k)
     batch_losses.append(float(out["loss"]))
@@ -68,6 +76,13 @@ def evaluate(eval_step, variables, slice_set, batch_size: int, batch_sharding,
   counts = proper.arrays()
   result["slice"] = metrics.slice_metrics(*counts)
   result["patient"] = metrics.patient_metrics(*counts, patients=slice_set.patients)
+  if per_case:
+    t0 = time.perf_counter()
+    pred = np.concatenate(proper_preds) if proper_preds else np.zeros(slice_set.masks.shape, bool)
+    result["cases"] = metrics.case_metrics(pred, slice_set.masks > 0, slice_set.patients,
+                                           canonical_order(slice_set))
+    result["patient"].update(metrics.summarise_cases(result["cases"]))
+    result["patient"]["case_metrics_s"] = time.perf_counter() - t0   # mostly HD95
   if keep is not None:
     result["predictions"] = np.stack([kept[int(i)] for i in keep]) if len(keep) else \
         np.zeros((0,) + slice_set.masks.shape[1:], bool)

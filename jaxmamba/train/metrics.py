@@ -13,6 +13,8 @@ Two families:
   - the same mean over tumour-positive slices only (where the empty-mask rule does not apply);
   - per-patient 3-D Dice (Buda et al. 2019): counts summed over all of a patient's slices in the
     split, Dice per patient volume (1 if both volumes are empty), mean over patients.
+* **per case** (`case_metrics`): one record per patient volume (its slices stacked in slice
+  order): Dice, IoU and HD95.  EMPTY_CONVENTIONS states what an empty volume scores.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 THRESHOLDS = ("logit", "sigmoid")
+
+EMPTY_CONVENTIONS = (
+    "per patient volume: both prediction and ground truth empty -> Dice 1, IoU 1, HD95 0; "
+    "exactly one empty -> Dice 0, IoU 0, HD95 undefined (NaN, left out of HD95 means and "
+    "counted as hd95_undefined). HD95 in pixels (kaggle_3m has no spacing), slices stacked in "
+    "slice order one pixel apart.")
 
 
 def binarize(logits, threshold: str):
@@ -106,6 +114,73 @@ def patient_metrics(inter, pred, true, patients) -> dict:
   return {"dice": float(dice.mean()) if len(ids) else float("nan"),
           "num_patients": int(len(ids)),
           "per_patient": {str(p): float(d) for p, d in zip(ids, dice)}}
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+  """Voxels of `mask` with a face-neighbour outside it (the volume's edge counts as outside)."""
+  from scipy import ndimage
+  return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, true: np.ndarray) -> float:
+  """95th-percentile symmetric Hausdorff distance between the surfaces of two bool volumes.
+
+  As MONAI's `compute_hausdorff_distance(percentile=95)`: the larger of the two directed 95th
+  percentiles (pred surface -> true surface, true -> pred), Euclidean, in voxel units.  Both
+  empty: 0; exactly one empty: NaN (EMPTY_CONVENTIONS).
+  """
+  from scipy import ndimage
+  pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+  if pred.shape != true.shape:
+    raise ValueError(f"prediction {pred.shape} and ground truth {true.shape} differ in shape")
+  if not pred.any() and not true.any():
+    return 0.0
+  if not pred.any() or not true.any():
+    return float("nan")
+  # Crop to the box holding both masks: distances between their surfaces are unchanged.
+  box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(pred | true))
+  sp, st = _surface(pred[box]), _surface(true[box])
+  to_true = ndimage.distance_transform_edt(~st)[sp]
+  to_pred = ndimage.distance_transform_edt(~sp)[st]
+  return float(max(np.percentile(to_true, 95), np.percentile(to_pred, 95)))
+
+
+def case_metrics(pred: np.ndarray, true: np.ndarray, patients, order) -> list[dict]:
+  """One record per patient: slices, true/predicted tumour pixels, Dice, IoU, HD95.
+
+  Args:
+    pred, true: bool (n, H, W) binarised prediction and ground truth of n slices.
+    patients: (n,) patient ID of each slice.
+    order: indices putting the slices in (patient, slice number) order, so that each patient's
+      volume is stacked in anatomical order whatever order the split holds them in.
+  """
+  pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+  patients = np.asarray(patients, dtype=str)
+  order = np.asarray(order, np.int64)
+  cases = []
+  for patient in sorted(set(patients.tolist())):
+    rows = order[patients[order] == patient]
+    p, t = pred[rows], true[rows]
+    inter, n_pred, n_true = int((p & t).sum()), int(p.sum()), int(t.sum())
+    cases.append({"patient": patient, "slices": int(len(rows)), "true_pixels": n_true,
+                  "pred_pixels": n_pred,
+                  "dice": float(_dice(inter, n_pred, n_true, 1.0)),
+                  "iou": float(_iou(inter, n_pred, n_true, 1.0)),
+                  "hd95": hd95(p, t)})
+  return cases
+
+
+def summarise_cases(cases: list[dict]) -> dict:
+  """Mean, sd (n-1) and median over cases of Dice, IoU and HD95 (HD95 over defined cases)."""
+  out = {"num_patients": len(cases)}
+  for key in ("dice", "iou", "hd95"):
+    values = np.asarray([c[key] for c in cases], np.float64)
+    values = values[np.isfinite(values)]
+    out[key] = float(values.mean()) if len(values) else float("nan")
+    out[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    out[f"{key}_median"] = float(np.median(values)) if len(values) else float("nan")
+  out["hd95_undefined"] = int(sum(not np.isfinite(c["hd95"]) for c in cases))
+  return out
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxmamba.data import splits
 from jaxmamba.errors import ConfigError
 from jaxmamba.models import registry
 from jaxmamba.train import losses, metrics
@@ -97,6 +98,14 @@ def validate_config(config) -> None:
   if config.train_image_size < 0:
     raise ConfigError(f"config.train_image_size must be >= 0 (0 = data size), "
                      f"got {config.train_image_size}")
+  splits.split_mode(config.data.split)
+  folds, fold = config.data.get("folds", 0), config.data.get("fold", 0)
+  if folds:
+    if splits.split_mode(config.data.split) != "patient":
+      raise ConfigError(f"config.data.folds={folds} (cross-validation) needs data.split='patient'")
+    if folds < 2 or not 0 <= fold < folds:
+      raise ConfigError(f"config.data.folds must be >= 2 and config.data.fold in [0, folds), got "
+                        f"folds={folds}, fold={fold}")
   if config.data.dir:
     path = os.path.expanduser(config.data.dir)
     if not os.path.isdir(path):

@@ -32,8 +32,9 @@ from jaxmamba.errors import ConfigError
 from jaxmamba.models import registry
 from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
+from jaxmamba.data import splits as splits_lib
 from jaxmamba.train import evaluate as ev
-from jaxmamba.train import bn_chunks, losses, recipe, run_identity
+from jaxmamba.train import bn_chunks, losses, metrics, recipe, run_identity
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.writers import MetricWriter
 
@@ -193,9 +194,10 @@ class _Setup:
       v["batch_stats"] = state["batch_stats"]
     return v
 
-  def evaluate(self, state, slice_set, keep=None) -> dict:
+  def evaluate(self, state, slice_set, keep=None, per_case=False) -> dict:
     return ev.evaluate(self.eval_step, self.variables(state), slice_set,
-                       self.config.eval_batch_size, self.batch_sharding, self.num_devices, keep)
+                       self.config.eval_batch_size, self.batch_sharding, self.num_devices, keep,
+                       per_case)
 
 
 def _score(config, val: dict) -> float:
@@ -244,6 +246,7 @@ def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
   extend or observe it may change), and stops with WorkdirMismatchError otherwise; `restart`
   deletes the previous run's outputs first.  Returns the results dict.
   """
+  started = time.perf_counter()
   config = recipe.resolve_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -262,6 +265,7 @@ def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
         "source with a shrunken run (config.synthetic_run). " + REAL_DATA_HINT)
 
   s = _Setup(config, workdir)
+  setup_s = time.perf_counter() - started
   e = registry.entry(config.model)
   if jax.process_index() == 0:
     data.write_split_json(s.splits, os.path.join(workdir, "split.json"))
@@ -274,7 +278,8 @@ def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
       "config": config.to_dict()})
   say(f"{config.model}: {s.num_params:,} parameters on {s.num_devices} device(s) "
       f"({s.devices[0].platform}); {len(s.splits.train)}/{len(s.splits.val)}/{len(s.splits.test)} "
-      f"train/val/test slices; {s.total_steps} steps of batch {config.batch_size}")
+      f"train/val/test slices, {splits_lib.protocol(config.data)}; {s.total_steps} steps of "
+      f"batch {config.batch_size}")
 
   ckpt = Checkpointer(workdir, config.keep_checkpoints)
   host = _HostState(os.path.join(ckpt.root, "host_state.json"))
@@ -294,6 +299,7 @@ def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
   book.setdefault("train_time_s", 0.0)
   book.setdefault("timed_images", 0)
   book.setdefault("timed_s", 0.0)
+  book.setdefault("val_time_s", 0.0)
   book.setdefault("early_stopped", False)
 
   def checkpoint(at_step, at_state):
@@ -321,7 +327,8 @@ def train_and_evaluate(config, workdir: str, restart: bool = False) -> dict:
   ckpt.wait()
   writer.close()
 
-  results = _final_evaluation(s, config, state, step, book, ckpt, workdir)
+  results = _final_evaluation(s, config, state, step, book, ckpt, workdir,
+                              {"setup_s": setup_s, "started": started})
   ckpt.close()
   return results
 
@@ -434,8 +441,11 @@ class _InterruptFlag:
 
 def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
   """Validation, best checkpoint, plateau LR and early stopping after an epoch."""
+  t0 = time.perf_counter()
   val = s.evaluate(state, s.splits.val)
-  record = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in _summary(val).items()}}
+  book["val_time_s"] += time.perf_counter() - t0
+  record = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in _summary(val).items()},
+            "protocol": splits_lib.protocol(config.data)}
   score = _score(config, val)
   if score < book["best_score"]:
     book["best_score"], book["since_best"] = score, 0
@@ -463,8 +473,10 @@ def _end_of_epoch(s, config, state, step, epoch, book, ckpt, writer):
   return state
 
 
-def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
+def _final_evaluation(s, config, state, step, book, ckpt, workdir, timing) -> dict:
   """Metrics of the final and best checkpoints on val and test; results.json and figures."""
+  fragments = splits_lib.split_mode(config.data.split) == "paper"
+  evaluation_start = time.perf_counter()
   results = {
       "model": config.model, "num_params": s.num_params,
       "paper_params": registry.entry(config.model).paper_params,
@@ -472,30 +484,46 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
       "train_time_s": book["train_time_s"],
       "images_per_s": book["timed_images"] / book["timed_s"] if book["timed_s"] else None,
       "devices": [str(d) for d in s.devices], "dtype": config.dtype,
-      "recipe": config.recipe, "synthetic": not config.data.dir, "data_split": config.data.split,
+      "recipe": config.recipe, "synthetic": not config.data.dir,
+      "data_split": splits_lib.split_mode(config.data.split),
+      "protocol": splits_lib.protocol(config.data),
+      "folds": config.data.get("folds", 0), "fold": config.data.get("fold", 0),
+      "split_seed": config.data.split_seed,
       "threshold": config.threshold, "select": config.select,
       "metric_notes": {
           "paper": "pooled over each test batch, mean over batches (spec §9.6); dice is NaN if "
                    "any batch is all-empty, dice_nanmean skips those batches",
           "slice": "per-slice mean at sigmoid>=0.5; empty prediction on empty mask = 1, "
                    "otherwise empty mask = 0; *_tumour: tumour-positive slices only",
-          "patient": "per-patient 3-D Dice (Buda et al. 2019), mean over patients"},
+          "patient": "per-patient 3-D Dice (Buda et al. 2019), IoU and HD95 at sigmoid>=0.5, mean "
+                     "over patients; cases: one record per test patient. " + (
+                         "Under the paper's slice split each patient's test slices are fragments "
+                         "of a volume whose other slices were trained on."
+                         if fragments else ""),
+          "empty": metrics.EMPTY_CONVENTIONS},
   }
   # The test passes also keep the figure slices' predictions (every process runs them: their
   # steps are collectives), so the chosen checkpoint's figures need no extra pass.
   test = s.splits.test
   idx = ev.figure_indices(test, config.num_figure_slices)
   figure_preds = {}
+  case_times = []
 
   def on_test(which, at_state):
-    result = s.evaluate(at_state, test, keep=idx)
+    result = s.evaluate(at_state, test, keep=idx, per_case=True)
     figure_preds[which] = result.pop("predictions")
+    case_times.append(result["patient"]["case_metrics_s"])
     return result
 
   results["final"] = {"step": step, "val": s.evaluate(state, s.splits.val),
                       "test": on_test("final", state)}
   best_state, best_step = ckpt.restore_best(state)
-  if best_state is not None:
+  if best_state is not None and int(best_step) == step:
+    # The best checkpoint holds the final parameters: same scores, no second pass.
+    results["best"] = {"step": step, "metric": config.best_metric, **{
+        k: results["final"][k] for k in ("val", "test")}}
+    figure_preds["best"] = figure_preds["final"]
+  elif best_state is not None:
     results["best"] = {"step": int(best_step), "metric": config.best_metric,
                        "val": s.evaluate(best_state, s.splits.val),
                        "test": on_test("best", best_state)}
@@ -504,6 +532,13 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
   chosen_state = best_state if config.select == "best" and best_state is not None else state
   chosen = "best" if chosen_state is best_state else "final"
   results["selected"] = chosen
+  # Time spent besides training steps: this session's setup (data loading, split, initial state)
+  # and final val/test passes (per-case metrics included), and the per-epoch validation passes
+  # of the whole run (also inside train_time_s).
+  results["timing_s"] = {"setup": timing["setup_s"], "validation": book["val_time_s"],
+                         "final_evaluation": time.perf_counter() - evaluation_start,
+                         "case_metrics": sum(case_times),
+                         "session_wall": time.perf_counter() - timing["started"]}
   _write_json(os.path.join(workdir, "results.json"), results)
 
   preds = figure_preds[chosen]
@@ -519,8 +554,10 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir) -> dict:
       f"{os.path.join(workdir, 'predictions.png')}")
   if config.synthetic_quick:
     say(REAL_DATA_HINT)
-  say(f"test ({chosen} checkpoint, step {results[chosen]['step']}): "
+  patient = "per-patient (fragments: also trained on)" if fragments else "per-patient"
+  say(f"test ({chosen} checkpoint, step {results[chosen]['step']}; {results['protocol']}): "
       f"Dice {r['paper']['dice']:.4f} IoU {r['paper']['iou']:.4f} (paper metric); "
       f"per-slice Dice {r['slice']['dice']:.4f} IoU {r['slice']['iou']:.4f}; "
-      f"per-patient Dice {r['patient']['dice']:.4f}")
+      f"{patient} Dice {r['patient']['dice']:.4f} IoU {r['patient']['iou']:.4f} "
+      f"HD95 {r['patient']['hd95']:.1f} px")
   return results

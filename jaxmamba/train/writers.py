@@ -9,10 +9,10 @@ import jax
 import numpy as np
 
 
-def _plain(v):
+def plain(v):
   """JSON-safe scalars (NaN/inf become null, numpy/jax scalars become floats)."""
   if isinstance(v, dict):
-    return {k: _plain(x) for k, x in v.items()}
+    return {k: plain(x) for k, x in v.items()}
   if isinstance(v, (str, bool)) or v is None:
     return v
   if isinstance(v, (int, np.integer)):
@@ -46,7 +46,7 @@ class MetricWriter:
     if stream not in self._files:
       self._files[stream] = open(os.path.join(self.dir, f"{stream}.jsonl"), "a")
     f = self._files[stream]
-    f.write(json.dumps({"step": int(step), **_plain(record)}) + "\n")
+    f.write(json.dumps({"step": int(step), **plain(record)}) + "\n")
     f.flush()
     if self._tb is not None:
       for k, v in record.items():
