@@ -191,8 +191,8 @@ def test_every_output_names_the_protocol(tiny, tmp_path, capsys, split):  # noqa
   assert np.mean([c["dice"] for c in cases]) == pytest.approx(
       saved["final"]["test"]["patient"]["dice"])
   timing = saved["timing_s"]
-  assert set(timing) == {"setup", "validation", "final_evaluation", "case_metrics", "session_wall"}
-  assert 0 < timing["case_metrics"] < timing["final_evaluation"] < timing["session_wall"]
+  assert set(timing) == {"setup", "validation", "final_evaluation", "case_metrics", "process_wall"}
+  assert 0 < timing["case_metrics"] < timing["final_evaluation"] < timing["process_wall"]
   if saved["best"]["step"] == saved["final"]["step"]:     # one pass serves both
     assert saved["best"]["test"] == saved["final"]["test"]
 

@@ -341,7 +341,7 @@ def _loop(s, config, state, step, book, ckpt, writer, checkpoint):
   bar = tqdm(total=s.total_steps, initial=step, disable=not (main and config.progress),
              desc=config.model, unit="step", dynamic_ncols=True)
   last_good = max(ckpt.latest.all_steps(), default=None)
-  session_first = True
+  first_step_of_process = True
   loop_start = time.perf_counter()
   time_base = book["train_time_s"]
   epoch = step // s.steps_per_epoch
@@ -368,10 +368,10 @@ def _loop(s, config, state, step, book, ckpt, writer, checkpoint):
               f"training loss is {loss} at step {step + 1}; stopping. Last good checkpoint: "
               f"{where}. Lower the learning rate or use dtype=float32.")
         state, step = new_state, step + 1
-        if not session_first:   # the first step of a session includes compilation
+        if not first_step_of_process:   # the first step of a process includes compilation
           book["timed_images"] += config.batch_size
           book["timed_s"] += dt
-        session_first = False
+        first_step_of_process = False
         ips = book["timed_images"] / book["timed_s"] if book["timed_s"] else 0.0
         book["train_time_s"] = time_base + time.perf_counter() - loop_start
         writer.write("train", step, {"loss": loss, "grad_norm": float(stats["grad_norm"]),
@@ -532,13 +532,13 @@ def _final_evaluation(s, config, state, step, book, ckpt, workdir, timing) -> di
   chosen_state = best_state if config.select == "best" and best_state is not None else state
   chosen = "best" if chosen_state is best_state else "final"
   results["selected"] = chosen
-  # Time spent besides training steps: this session's setup (data loading, split, initial state)
+  # Time spent besides training steps: this process's setup (data loading, split, initial state)
   # and final val/test passes (per-case metrics included), and the per-epoch validation passes
   # of the whole run (also inside train_time_s).
   results["timing_s"] = {"setup": timing["setup_s"], "validation": book["val_time_s"],
                          "final_evaluation": time.perf_counter() - evaluation_start,
                          "case_metrics": sum(case_times),
-                         "session_wall": time.perf_counter() - timing["started"]}
+                         "process_wall": time.perf_counter() - timing["started"]}
   _write_json(os.path.join(workdir, "results.json"), results)
 
   preds = figure_preds[chosen]
