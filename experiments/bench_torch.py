@@ -5,6 +5,7 @@ the convolution micro-benchmark.  Needs the test dependencies (`bash .ci/setup -
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -75,10 +76,27 @@ def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
   return {"train": batch_size / train_s, "eval": batch_size / eval_s}
 
 
+def _ours(x, w, k, stride, pad, transpose, fast):
+  """Our convolution as the models compute it (jaxmamba.nn.conv on a CPU unless switched off)."""
+  import jax
+
+  from jaxmamba.nn import conv as fast_conv
+  if transpose and fast and k == stride and pad == 0:
+    return fast_conv.conv_transpose_nonoverlapping(x, w)
+  if transpose and fast:
+    return fast_conv.conv_transpose_phases(x, w, stride, pad)
+  if transpose:
+    return jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), [(k - 1 - pad,) * 2] * 2,
+                                        lhs_dilation=(stride, stride), dimension_numbers=DIMS)
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
+                                      dimension_numbers=DIMS)
+
+
 def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, float, float]]:
-  """(what, PyTorch ms, ours ms) for forward + backward of the two convolutions that dominate
-  the U-Nets: a 3x3 conv 64->64 at full size (ours: XLA's) and a 2x2 stride-2 ConvTranspose
-  128->64 (ours as the models compute it: jaxmamba.nn.conv, or XLA's if that is switched off)."""
+  """(what, PyTorch ms, ours ms) for forward + backward of the convolutions that dominate the
+  CNNs: a 3x3 conv 64->64 at full size (ours: XLA's), the U-Nets' 2x2 stride-2 ConvTranspose
+  128->64 and ResNet-Seg's 4x4 stride-2 padding-1 one 128->64 at 1/8 size (ours as the models
+  compute them: jaxmamba.nn.conv, or XLA's if that is switched off)."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -86,29 +104,25 @@ def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, 
   from jaxmamba.nn import conv as fast_conv
   rows = []
   s = image_size
-  cases = [(f"conv 3x3 64->64, {batch_size}x{s}x{s}, fwd+bwd", s, 64, 64, False),
-           (f"ConvTranspose 2x2/2 128->64, {batch_size}x{s // 2}x{s // 2}, fwd+bwd",
-            s // 2, 128, 64, True)]
-  for what, size, cin, cout, transpose in cases:
+  # (label, input size, in, out, kernel, stride, padding, transposed)
+  cases = [(f"conv 3x3 64->64, {batch_size}x{s}x{s}", s, 64, 64, 3, 1, 1, False),
+           (f"ConvTranspose 2x2/2 128->64, {batch_size}x{s // 2}x{s // 2}", s // 2, 128, 64,
+            2, 2, 0, True),
+           (f"ConvTranspose 4x4/2 pad 1 128->64, {batch_size}x{s // 8}x{s // 8}", s // 8, 128,
+            64, 4, 2, 1, True)]
+  fast = fast_conv.use_fast_cpu_path()
+  for what, size, cin, cout, k, stride, pad, transpose in cases:
     xt = torch.randn(batch_size, cin, size, size, requires_grad=True)
-    layer = (torch.nn.ConvTranspose2d(cin, cout, 2, stride=2) if transpose
-             else torch.nn.Conv2d(cin, cout, 3, padding=1))
+    layer = (torch.nn.ConvTranspose2d(cin, cout, k, stride=stride, padding=pad) if transpose
+             else torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad))
 
     def torch_step():
       layer(xt).square().sum().backward()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, size, size, cin)),
                     jnp.float32)
-    fast = fast_conv.use_fast_cpu_path()
-    if transpose:
-      w = jnp.zeros((2, 2, cin, cout), jnp.float32) + 0.01
-      f = (fast_conv.conv_transpose_nonoverlapping if fast else
-           lambda a, b: jax.lax.conv_general_dilated(a, b[::-1, ::-1], (1, 1), [(1, 1)] * 2,
-                                                     lhs_dilation=(2, 2), dimension_numbers=DIMS))
-    else:
-      w = jnp.zeros((3, 3, cin, cout), jnp.float32) + 0.01
-      f = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), [(1, 1)] * 2,  # noqa: E731
-                                                    dimension_numbers=DIMS)
+    w = jnp.zeros((k, k, cin, cout), jnp.float32) + 0.01
+    f = functools.partial(_ours, k=k, stride=stride, pad=pad, transpose=transpose, fast=fast)
     grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.square(f(a, b))), argnums=(0, 1)))
-    rows.append((what, _median_s(torch_step, steps) * 1e3,
+    rows.append((what + ", fwd+bwd", _median_s(torch_step, steps) * 1e3,
                  _median_s(lambda: jax.block_until_ready(grad(x, w)), steps) * 1e3))
   return rows

@@ -119,10 +119,11 @@ def test_bench_train_compare_torch_cli(tmp_path):
   (row,) = [l for l in text.splitlines() if l.startswith("| unet")]
   cells = [float(x) for x in row.split("|")[2:-1]]
   assert min(cells) > 0
-  assert cells[2] == pytest.approx(cells[1] / cells[0], abs=0.006)
-  assert cells[5] == pytest.approx(cells[4] / cells[3], abs=0.006)
+  for torch_rate, ours, ratio in (cells[:3], cells[3:]):
+    # the rates are printed to 2 decimals: the ratio of printed rates carries their rounding
+    assert ratio == pytest.approx(ours / torch_rate, abs=0.006 + 0.005 * (1 + ratio) / torch_rate)
   convs = [l for l in text.splitlines() if l.startswith(("| conv 3x3", "| ConvTranspose"))]
-  assert len(convs) == 2 and "jaxmamba.nn.conv; batch 2, 32x32" in text
+  assert len(convs) == 3 and "jaxmamba.nn.conv; batch 2, 32x32" in text
   bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_torch",
                         "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "unknown model(s) ['vgg']" in bad.stderr

@@ -57,3 +57,42 @@ def test_conv_transpose_module_same_with_and_without_the_cpu_path(monkeypatch, k
   native = value_and_grads()
   for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(native)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _dilated_general(x, w, stride, padding):
+  """torch ConvTranspose2d(kernel k, stride, padding) as XLA computes it natively."""
+  pad = w.shape[0] - 1 - padding
+  return jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), [(pad, pad)] * 2,
+                                      lhs_dilation=(stride, stride), dimension_numbers=DIMS)
+
+
+# ResNet-Seg's 4/2/1 at its decoder's narrowest shape, then kernels that are not a multiple of
+# the stride (zero taps), stride 1 and 3, padding 0 and above the stride, odd and uneven sizes.
+@pytest.mark.parametrize("k,s,p,shape,cout", [
+    (4, 2, 1, (2, 8, 8, 5), 4), (4, 2, 1, (1, 5, 7, 3), 1), (3, 2, 1, (2, 6, 5, 4), 3),
+    (5, 3, 2, (1, 4, 6, 2), 3), (3, 1, 1, (2, 5, 4, 3), 2), (5, 2, 3, (1, 7, 6, 2), 2),
+    (2, 3, 0, (1, 4, 5, 3), 2), (4, 4, 1, (1, 3, 4, 2), 3), (3, 2, 0, (2, 3, 3, 2), 2)])
+def test_conv_transpose_phases_value_and_gradients_match_dilated_convolution(k, s, p, shape,
+                                                                             cout):
+  rng = np.random.default_rng(10 * k + s + p)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, shape[-1], cout)), jnp.float32)
+  y_ref = _dilated_general(x, w, s, p)
+  y = fast_conv.conv_transpose_phases(x, w, s, p)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  ct = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+  grads = jax.jit(jax.grad(lambda a, b: jnp.sum(fast_conv.conv_transpose_phases(a, b, s, p) * ct),
+                           argnums=(0, 1)))(x, w)
+  grads_ref = jax.grad(lambda a, b: jnp.sum(_dilated_general(a, b, s, p) * ct),
+                       argnums=(0, 1))(x, w)
+  for g, g_ref in zip(grads, grads_ref):
+    assert _rel(g, g_ref) < 1e-5
+
+
+def test_conv_transpose_phases_rejects_an_empty_output_and_a_rectangular_kernel():
+  x = jnp.zeros((1, 1, 1, 2))
+  with pytest.raises(ValueError, match="non-empty output"):
+    fast_conv.conv_transpose_phases(x, jnp.zeros((2, 2, 2, 1)), 2, 1)
+  with pytest.raises(ValueError, match="square kernel"):
+    fast_conv.conv_transpose_phases(x, jnp.zeros((2, 3, 2, 1)), 2, 0)

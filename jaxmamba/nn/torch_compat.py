@@ -93,7 +93,9 @@ class ConvTranspose2d(nn.Module):
   The kernel is stored (kh, kw, in, out); torch's weight is (in, out, kh, kw).  Computed as a
   convolution of the stride-dilated input with the spatially flipped kernel, padding k-1-p; on a
   CPU, kernel == stride without padding (the U-Nets' 2x2 upsampling) as one matrix product,
-  whose gradient XLA runs ~50x faster than the dilated convolution's (jaxmamba.nn.conv).
+  whose gradient XLA runs ~50x faster than the dilated convolution's, and any other kernel,
+  stride and padding (ResNet-Seg's 4/2/1) as one product of the input's patches per stride
+  phase, ~40x faster forward + backward (jaxmamba.nn.conv).
   """
   features: int
   kernel: int
@@ -111,6 +113,9 @@ class ConvTranspose2d(nn.Module):
     pad = k - 1 - self.padding
     if k == self.stride and self.padding == 0 and fast_conv.use_fast_cpu_path():
       y = fast_conv.conv_transpose_nonoverlapping(x.astype(dtype), w.astype(dtype))
+    elif fast_conv.use_fast_cpu_path():
+      y = fast_conv.conv_transpose_phases(x.astype(dtype), w.astype(dtype), self.stride,
+                                          self.padding)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(dtype), w[::-1, ::-1].astype(dtype), window_strides=(1, 1),
