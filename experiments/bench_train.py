@@ -172,7 +172,8 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
   for what, t_ms, o_ms in bench_torch.conv_micro(batch_size, image_size, steps):
     lines.append(f"| {what} | {t_ms:.0f} | {o_ms:.0f} | {t_ms / o_ms:.2f} |")
     print(lines[-1], flush=True)
-  convs = "XLA's native convolutions" if not conv_lib.ENABLED else "jaxmamba.nn.conv"
+  convs = ("ours with XLA's native convolutions" if not conv_lib.ENABLED
+           else "ours with jaxmamba.nn.conv's CPU paths")
   lines.append(f"\n{convs}; batch {batch_size}, {image_size}x{image_size}, float32, "
                f"{threads} threads (torch {torch.__version__}, jax {jax.__version__} on "
                f"{jax.devices()[0].platform}); median of {steps} steps after a warm-up one; "
@@ -185,20 +186,12 @@ def main(argv):
   if FLAGS.native_conv:
     from jaxmamba.nn import conv
     conv.ENABLED = False
-  if FLAGS.compare_torch:
+  if FLAGS.compare_torch or FLAGS.compare_authors:
+    compare, default_batch = ((compare_torch, 4) if FLAGS.compare_torch else
+                              (compare_authors, 64))
     try:
-      table = compare_torch(FLAGS.steps, FLAGS.batch_size or 4, FLAGS.image_size, FLAGS.models)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-    print(table)
-    if FLAGS.out:
-      with open(FLAGS.out, "w") as f:
-        f.write(table + "\n")
-    return
-  if FLAGS.compare_authors:
-    try:
-      table = compare_authors(FLAGS.steps, FLAGS.batch_size or 64, FLAGS.image_size,
-                              FLAGS.models)
+      table = compare(FLAGS.steps, FLAGS.batch_size or default_batch, FLAGS.image_size,
+                      FLAGS.models)
     except ValueError as e:
       sys.exit(f"error: {e}")
     print(table)

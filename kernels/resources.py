@@ -97,10 +97,14 @@ def compile_usage(launch, arg_dtypes, arch):
   signature.update({name: "constexpr" for name, _ in launch.constexprs})
   attrs = {(params.index(p),): [["tt.divisibility", 16]] for p, t in zip(runtime, arg_dtypes) if t}
   src = ASTSource(kernel, signature, constexprs=dict(launch.constexprs), attrs=attrs)
-  compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": launch.num_warps})
   gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, triton.knobs.cache.scope():
+    # Importing jax_triton sets TRITON_CACHE_DIR="" (also when the import fails, as on a CPU-only
+    # jax), which leaves triton.compile no cache folder: compile into this temporary one then.
+    if not triton.knobs.cache.dir:
+      triton.knobs.cache.dir = tmp
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": launch.num_warps})
     ptx = os.path.join(tmp, "k.ptx")
     with open(ptx, "w") as f:
       f.write(compiled.asm["ptx"])
