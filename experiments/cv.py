@@ -8,7 +8,8 @@ Folds are patient-grouped and stratified by whether a patient has tumour
 data.folds=K, data.fold=i, data.split_seed=split_seed+s, seed=seed+s, in WORKDIR/fold_i (or
 WORKDIR/fold_i_seed_s when --seeds > 1).  The fold's validation patients (model selection) come
 from the other folds.  Rerunning the command skips every fold whose results.json exists and
-resumes an interrupted one from its own checkpoint.
+resumes an interrupted one from its own checkpoint; a finished fold whose run.json differs from
+the config's stops the command (WorkdirMismatchError), and `--restart` reruns every fold anew.
 
 Then WORKDIR/cases.csv holds one row per held-out patient (the checkpoint each run selected) and
 WORKDIR/summary.json the mean, sd and median over patients and the mean ± sd over folds and
@@ -24,6 +25,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import run as run_cli
+from jaxmamba.errors import ConfigError
 from jaxmamba.train import crossval
 
 FLAGS = flags.FLAGS
@@ -35,12 +37,15 @@ flags.DEFINE_integer("seeds", 1, "repeats of the whole K-fold run, each with its
 
 def main(argv, name, config_arg=""):
   del argv
+  if FLAGS.multihost:
+    # Every fold's outputs and cases.csv/summary.json are written by one process here.
+    raise ConfigError("experiments.cv runs on one host; --multihost is for experiments.run")
   if not FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   workdir = os.path.abspath(FLAGS.workdir or run_cli.default_workdir(
       f"cv_{name}", config_arg, FLAGS.config.data.dir))
   os.makedirs(workdir, exist_ok=True)
-  runs = crossval.run_folds(FLAGS.config, workdir, FLAGS.folds, FLAGS.seeds)
+  runs = crossval.run_folds(FLAGS.config, workdir, FLAGS.folds, FLAGS.seeds, FLAGS.restart)
   t0 = time.perf_counter()
   cases, all_results = crossval.collect_cases(runs)
   summary = crossval.summarise(cases, all_results)

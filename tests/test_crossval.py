@@ -132,7 +132,8 @@ def test_interrupted_cross_validation_resumes_where_it_stopped(tiny, tmp_path, m
   called = []
   real_train = jaxmamba.train.train_and_evaluate
   monkeypatch.setattr(jaxmamba.train, "train_and_evaluate",
-                      lambda config, d: called.append(os.path.basename(d)) or real_train(config, d))
+                      lambda config, d, **kw: called.append(os.path.basename(d))
+                      or real_train(config, d, **kw))
   runs = crossval.run_folds(_cv_config(), workdir, folds=3, seeds=1)
   out = capsys.readouterr().out
   assert called == ["fold_1", "fold_2"]                         # fold 1 was not redone
@@ -159,13 +160,24 @@ def test_interrupted_cross_validation_resumes_where_it_stopped(tiny, tmp_path, m
   assert "both prediction and ground truth empty" in saved["empty"]
   assert crossval.headline(summary).startswith("unet (patient 3-fold CV")
 
+  # A finished fold is reused only for the same run: another learning rate stops the command
+  # before anything is trained or summarised under the new command's name.
+  from jaxmamba.train import run_identity
+  other = _cv_config()
+  other.learning_rate = 2 * other.learning_rate
+  called.clear()
+  with pytest.raises(run_identity.WorkdirMismatchError, match="learning_rate"):
+    crossval.run_folds(other, workdir, folds=3, seeds=1)
+  assert called == []
+
 
 def test_a_workdir_of_other_folds_is_refused(tiny, tmp_path):  # noqa: F811
   from jaxmamba.train import crossval
   d = tmp_path / "fold_0"
   d.mkdir()
   (d / "results.json").write_text(json.dumps({"folds": 5, "fold": 0}))
-  with pytest.raises(ValueError, match="fold 0 of 5, not fold 0 of 3"):
+  from jaxmamba.errors import UserError
+  with pytest.raises(UserError, match="fold 0 of 5, not fold 0 of 3"):
     crossval.run_folds(_cv_config(), str(tmp_path), folds=3, seeds=1)
 
 

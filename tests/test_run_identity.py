@@ -42,7 +42,7 @@ def test_synthetic_parameters_are_part_of_the_identity(tiny, tmp_path):
 def test_extending_resumes_and_restart_starts_over(tiny, tmp_path, capsys):
   _train(tiny_config(max_steps=2), tmp_path)
   capsys.readouterr()
-  _train(tiny_config(max_steps=3, progress=False, eval_batch_size=3), tmp_path)
+  _train(tiny_config(max_steps=3, progress=False, num_figure_slices=1), tmp_path)
   assert "resumed from step 2" in capsys.readouterr().out
   results = _train(tiny_config(max_steps=2, learning_rate=0.02), tmp_path, restart=True)
   out = capsys.readouterr().out
@@ -185,3 +185,21 @@ def test_length_of_a_cosine_schedule_is_part_of_the_run(tiny, tmp_path):
   _train(tiny_config(max_steps=2, schedule="cosine"), tmp_path)
   with pytest.raises(WorkdirMismatchError, match="max_steps: 2 -> 3"):
     _train(tiny_config(max_steps=3, schedule="cosine"), tmp_path)
+
+
+def test_split_alias_is_the_same_run_and_the_selection_inputs_are_part_of_it():
+  from jaxmamba.train import recipe, run_identity
+  ident = lambda **kw: run_identity.identity(recipe.resolve_config(tiny_config(**kw)))  # noqa: E731
+  assert ident(**{"data.split": "slice"}) == ident(**{"data.split": "paper"})
+  # A Dice-judged best record depends on the binarisation; a val-loss one does not.
+  assert ident(best_metric="val_dice_slice", threshold="logit") != \
+      ident(best_metric="val_dice_slice", threshold="sigmoid")
+  assert ident(best_metric="val_loss", loss="bce", threshold="logit") == \
+      ident(best_metric="val_loss", loss="bce", threshold="sigmoid")
+  # The paper metric and the pooled Dice loss are pooled over the evaluation batch.
+  assert ident(best_metric="val_dice_paper", eval_batch_size=4) != \
+      ident(best_metric="val_dice_paper", eval_batch_size=8)
+  assert ident(best_metric="val_loss", loss="dice_pooled", eval_batch_size=4) != \
+      ident(best_metric="val_loss", loss="dice_pooled", eval_batch_size=8)
+  assert ident(best_metric="val_loss", loss="bce", eval_batch_size=4) == \
+      ident(best_metric="val_loss", loss="bce", eval_batch_size=8)

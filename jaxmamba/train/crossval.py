@@ -17,7 +17,8 @@ import time
 import ml_collections
 import numpy as np
 
-from jaxmamba.train import metrics, writers
+from jaxmamba.errors import ConfigError, UserError
+from jaxmamba.train import metrics, recipe, run_identity, writers
 
 CASE_COLUMNS = ("patient", "fold", "seed", "slices", "true_pixels", "pred_pixels", "dice", "iou",
                 "hd95")
@@ -40,16 +41,18 @@ def _load_results(path: str, folds: int, fold: int) -> dict:
   with open(path) as f:
     results = json.load(f)
   if (results.get("folds"), results.get("fold")) != (folds, fold):
-    raise ValueError(f"{path} is from fold {results.get('fold')} of {results.get('folds')}, not "
+    raise UserError(f"{path} is from fold {results.get('fold')} of {results.get('folds')}, not "
                      f"fold {fold} of {folds}: use another --workdir")
   return results
 
 
-def run_folds(config, workdir: str, folds: int, seeds: int) -> list[tuple[int, int, str]]:
-  """Trains and evaluates every missing fold; returns [(seed, fold, run dir)]."""
+def run_folds(config, workdir: str, folds: int, seeds: int,
+              restart: bool = False) -> list[tuple[int, int, str]]:
+  """Trains and evaluates every missing fold (every fold anew with `restart`); returns
+  [(seed, fold, run dir)].  A finished fold is reused only if it is a run of this config."""
   from jaxmamba.train import train_and_evaluate
   if folds < 2 or seeds < 1:
-    raise ValueError(f"need --folds >= 2 and --seeds >= 1, got {folds} and {seeds}")
+    raise ConfigError(f"need --folds >= 2 and --seeds >= 1, got {folds} and {seeds}")
   runs = []
   for seed in range(seeds):
     for fold in range(folds):
@@ -59,13 +62,15 @@ def run_folds(config, workdir: str, folds: int, seeds: int) -> list[tuple[int, i
       # fold_i and seed s are 0-based, as in the folder names, cases.csv and results.json.
       label = f"fold {fold} ({fold + 1} of {folds})" + (
           f", seed {seed} ({seed + 1} of {seeds})" if seeds > 1 else "")
-      if os.path.exists(results):
+      run_config = fold_config(config, folds, fold, seed)
+      if os.path.exists(results) and not restart:
         _load_results(results, folds, fold)
+        run_identity.check_finished(recipe.resolve_config(run_config), d)
         print(f"{label}: done before ({results}); skipped", flush=True)
         continue
       print(f"{label}: {d}", flush=True)
       t0 = time.perf_counter()
-      train_and_evaluate(fold_config(config, folds, fold, seed), d)
+      train_and_evaluate(run_config, d, restart=restart)
       print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
   return runs
 
@@ -78,7 +83,7 @@ def collect_cases(runs) -> tuple[list[dict], list[dict]]:
       results = json.load(f)
     test = results[results.get("selected", "final")]["test"]
     if "cases" not in test:
-      raise ValueError(f"{d}/results.json has no per-case results (written by an older version)")
+      raise UserError(f"{d}/results.json has no per-case results (written by an older version)")
     cases += [{"fold": fold, "seed": seed, **c} for c in test["cases"]]
     all_results.append(results)
   return cases, all_results

@@ -20,6 +20,7 @@ import shutil
 
 import jax
 
+from jaxmamba.data import splits
 from jaxmamba.errors import UserError
 
 RUN_JSON = "run.json"
@@ -78,12 +79,27 @@ def identity(config) -> dict:
     # A decaying schedule is laid out over the run's length: more steps change the learning rate
     # of the steps already taken, so the length is part of the run, not an extension of it.
     fields.update({k: flat[k] for k in ("num_epochs", "max_steps")})
+  # The best record and early stopping so far were judged by a validation score: what that score
+  # depends on is part of the run too (the binarisation for a Dice; the eval batch for a score
+  # pooled over it).
+  if config.best_metric != "val_loss":
+    fields["threshold"] = flat["threshold"]
+  if config.best_metric == "val_dice_paper" or (config.best_metric == "val_loss"
+                                                and config.loss == "dice_pooled"):
+    fields["eval_batch_size"] = flat["eval_batch_size"]
+  _canonical_split(fields)
   if config.data.dir:
     path = os.path.realpath(os.path.expanduser(config.data.dir))
     fields = {k: v for k, v in fields.items() if not k.startswith("data.synthetic.")}
     fields["data.dir"] = path
     fields["data.files"] = folder_fingerprint(path)
   return json.loads(json.dumps(fields, default=str))   # as it reads back from run.json
+
+
+def _canonical_split(fields: dict) -> None:
+  """"slice" is an alias of "paper": the same split must not read as a different run."""
+  if "data.split" in fields:
+    fields["data.split"] = splits.split_mode(fields["data.split"])
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -105,7 +121,9 @@ def _recorded(workdir: str) -> dict | None:
   path = os.path.join(workdir, RUN_JSON)
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)["identity"]
+      fields = json.load(f)["identity"]
+    _canonical_split(fields)
+    return fields
   legacy = os.path.join(workdir, "model.json")
   if os.path.exists(legacy):
     with open(legacy) as f:
@@ -114,6 +132,7 @@ def _recorded(workdir: str) -> dict | None:
       fields = {k: v for k, v in _flatten(config).items() if not _excluded(k)}
       if fields.get("data.dir"):
         fields["data.dir"] = os.path.realpath(os.path.expanduser(fields["data.dir"]))
+      _canonical_split(fields)
       return fields
   return None
 
@@ -134,6 +153,33 @@ def restart(workdir: str) -> list[str]:
   return removed
 
 
+def _raise_if_different(workdir: str, current: dict) -> None:
+  recorded = _recorded(workdir)
+  if recorded is None:
+    return
+  if not os.path.exists(os.path.join(workdir, RUN_JSON)):
+    # A workdir from before run.json: compare what it recorded (no data fingerprint).
+    current = {k: v for k, v in current.items() if k in recorded or k == "model"}
+    recorded = {k: v for k, v in recorded.items() if k in current}
+  diff = differences(recorded, current)
+  if diff:
+    raise WorkdirMismatchError(
+        f"{workdir} holds checkpoints of a different run; resuming it would mix two runs. "
+        f"Differing: {'; '.join(diff)}. Use a new --workdir, or pass --restart (in Python: "
+        "train_and_evaluate(config, workdir, restart=True)) to delete that run's outputs and "
+        "start over in this folder.")
+
+
+def check_finished(config, workdir: str) -> None:
+  """For a finished run about to be reused instead of rerun (cross-validation skips finished
+  folds): stops (WorkdirMismatchError) unless its recorded identity is that of `config`."""
+  if _recorded(workdir) is None:
+    raise WorkdirMismatchError(
+        f"{workdir} holds results but no record of the run that wrote them (run.json); use a new "
+        "--workdir, or pass --restart to delete them and run again.")
+  _raise_if_different(workdir, identity(config))
+
+
 def check_and_record(config, workdir: str) -> dict:
   """Stops (WorkdirMismatchError) if `workdir` holds checkpoints of another run; else records
   the identity of `config` in WORKDIR/run.json and returns it.
@@ -141,21 +187,8 @@ def check_and_record(config, workdir: str) -> dict:
   Without checkpoints there is nothing to resume, so the identity is simply (re)written.
   """
   current = identity(config)
-  recorded = _recorded(workdir) if _has_checkpoints(workdir) else None
-  if recorded is not None:
-    if not os.path.exists(os.path.join(workdir, RUN_JSON)):
-      # A workdir from before run.json: compare what it recorded (no data fingerprint).
-      current_cmp = {k: v for k, v in current.items() if k in recorded or k == "model"}
-      recorded = {k: v for k, v in recorded.items() if k in current_cmp}
-    else:
-      current_cmp = current
-    diff = differences(recorded, current_cmp)
-    if diff:
-      raise WorkdirMismatchError(
-          f"{workdir} holds checkpoints of a different run; resuming it would mix two runs. "
-          f"Differing: {'; '.join(diff)}. Use a new --workdir, or pass --restart (in Python: "
-          "train_and_evaluate(config, workdir, restart=True)) to delete that run's outputs and "
-          "start over in this folder.")
+  if _has_checkpoints(workdir):
+    _raise_if_different(workdir, current)
   if jax.process_index() == 0:
     tmp = os.path.join(workdir, RUN_JSON + ".tmp")
     with open(tmp, "w") as f:
