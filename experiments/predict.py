@@ -120,8 +120,7 @@ def predict_files(model_name: str, checkpoint: str, paths, output: str, save_pro
   stems = _stems(paths)
   for p in paths:  # fail on a bad file before loading the model or writing anything
     read_image(p)
-  what = checkpoint_io.locate(checkpoint, which, step)[1]
-  _, variables = checkpoint_io.load_variables(checkpoint, model_name, which, step)
+  _, variables, what = checkpoint_io.load_located(checkpoint, model_name, which, step)
   print(f"loaded {what}", flush=True)
   predict = make_predictor(model_name, variables)
   os.makedirs(output, exist_ok=True)

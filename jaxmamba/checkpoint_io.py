@@ -241,11 +241,18 @@ def load_variables(path: str, expected_model: str | None = None, which: str = "s
   Raises CheckpointError if nothing readable is there, or if `expected_model` is given and the
   checkpoint belongs to another model.  Arrays come back as numpy arrays.
   """
+  model, variables, _ = load_located(path, expected_model, which, step)
+  return model, variables
+
+
+def load_located(path: str, expected_model: str | None = None, which: str = "selected",
+                 step: int | None = None) -> tuple[str, dict[str, Any], str]:
+  """`load_variables`, plus what was read in words (`locate`'s description), locating it once."""
   _, meta = read_model_json(path)
   model = meta["model"]
   if expected_model is not None and model != expected_model:
     raise CheckpointError(f"{path} is a checkpoint of model {model!r}, not {expected_model!r}")
-  item = locate(path, which, step)[0]
+  item, what = locate(path, which, step)
   tree = metadata_tree(item)
   wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
   if "params" not in wanted:
@@ -257,4 +264,4 @@ def load_variables(path: str, expected_model: str | None = None, which: str = "s
                                           partial_restore=True))
   except Exception as e:
     raise CheckpointError(f"{item}: could not restore ({type(e).__name__}: {e})") from e
-  return model, dict(variables)
+  return model, dict(variables), what

@@ -33,13 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 # The module itself (the package exports the function under the same name).
 _ss = importlib.import_module("jaxmamba.ops.selective_scan")
-from kernels import launch_plan as _launch_plan_defaults  # plain Python (no triton, no jax)
+from kernels import launch_plan  # plain Python (no triton, no jax)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_STATE = 64           # the largest N supports() accepts (Mamba uses 16; tested up to 16)
 MAX_GRID_YZ = 65535      # CUDA's limit on grid dims 2 and 3 (d-blocks, batch)
 # The launch configuration; the kernel benchmark's sweep sets these (kernels/bench.py).
-BLOCK_D, CHUNK, NUM_WARPS = _launch_plan_defaults.DEFAULT_CONFIG
+BLOCK_D, CHUNK, NUM_WARPS = launch_plan.DEFAULT_CONFIG
 
 DATA_AXIS = "data"       # the mesh axis the batch is split over (jaxmamba.train's mesh)
 
@@ -50,11 +50,6 @@ _COMPUTE_CAPABILITY = None  # None: ask the device; tests that only lower set e.
 def _kernels():
   from kernels import selective_scan_triton  # noqa: PLC0415  (imports triton)
   return selective_scan_triton
-
-
-def _launch_plan():
-  from kernels import launch_plan  # noqa: PLC0415  (plain Python)
-  return launch_plan
 
 
 def unavailable_reason():
@@ -98,7 +93,7 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     return f"N={nstate} > {MAX_STATE} states"
   if batch > MAX_GRID_YZ:
     return f"batch={batch} > {MAX_GRID_YZ}"
-  bd, _, _, ndb = _launch_plan().tiles(dim, length, groups, BLOCK_D, CHUNK)
+  bd, _, _, ndb = launch_plan.tiles(dim, length, groups, BLOCK_D, CHUNK)
   if ndb > MAX_GRID_YZ:
     return f"dim={dim} needs {ndb} channel blocks of {bd} > {MAX_GRID_YZ}"
   return None
@@ -280,17 +275,17 @@ def _plan_arrays(u, delta, A, B, C, D, z, delta_bias, **extra):
 def _execute(plan, arrays):
   if _BACKEND == "interpret":
     return _interpret(plan, arrays)
-  return _launch_plan().run_jax_triton(plan, arrays, _COMPUTE_CAPABILITY)
+  return launch_plan.run_jax_triton(plan, arrays, _COMPUTE_CAPABILITY)
 
 
 def _triton_forward(u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   specs, arrays = _plan_arrays(u, delta, A, B, C, D, z, delta_bias)
-  return _execute(_launch_plan().forward_plan(specs, softplus, *cfg), arrays)
+  return _execute(launch_plan.forward_plan(specs, softplus, *cfg), arrays)
 
 
 def _triton_backward(dy, dlast, H, u, delta, A, B, C, D, z, delta_bias, softplus, cfg):
   specs, arrays = _plan_arrays(u, delta, A, B, C, D, z, delta_bias, dy=dy, dlast=dlast, H=H)
-  return _execute(_launch_plan().backward_plan(specs, softplus, *cfg), arrays)
+  return _execute(launch_plan.backward_plan(specs, softplus, *cfg), arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +321,7 @@ def _interpret(plan, arrays):
     # Triton's interpreter keeps the launch grid in global state: devices sharing this process
     # (fake CPU devices under a mesh) call back from several threads, so one launch at a time.
     with _INTERPRET_LOCK:
-      outs = _launch_plan().run_torch(plan, dict(zip(names, map(_to_torch, values))))
+      outs = launch_plan.run_torch(plan, dict(zip(names, map(_to_torch, values))))
     return tuple(_to_numpy(o, s.dtype) for o, s in zip([o for o in outs if o is not None],
                                                        shapes))
 

@@ -144,8 +144,7 @@ class _Setup:
   def _start_from(self, path):
     """The initial state with params (and BatchNorm statistics) read from `path`."""
     which, step = self.config.get("init_from_which", "selected"), self.config.get("init_from_step")
-    what = checkpoint_io.locate(path, which, step or None)[1]
-    _, variables = checkpoint_io.load_variables(path, self.config.model, which, step or None)
+    _, variables, what = checkpoint_io.load_located(path, self.config.model, which, step or None)
     for col in ("params", "batch_stats") if self.has_bn else ("params",):
       if col in variables:
         torch_compat.check_variables_match(self.state[col], variables[col], f"{col} in {path}")
