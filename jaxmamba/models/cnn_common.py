@@ -42,16 +42,52 @@ class BatchNorm2d(nn.Module):
       n = math.prod(x.shape[:-1])
       if n < 2:
         raise ValueError(f"BatchNorm2d: training needs > 1 value per channel, got {x.shape}")
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axes)
-      var = jnp.mean(jnp.square(x - mean), axes)   # two-pass, biased: what torch normalises with
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
         ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(var) * (n / (n - 1))
-    else:
-      mean, var = ra_mean.value, ra_var.value
+      return y
+    mean, var = ra_mean.value, ra_var.value
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Training-mode batch norm over all axes but the last: (y, batch mean, biased batch variance).
+
+  Autodiff of the forward formula made BatchNorm's backward ~10% of UNet's CPU train step
+  (several passes over the activations); the gradient written out as torch's batch_norm_backward
+  computes it (two sums in one pass, then one elementwise pass).
+  """
+  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.mean(jnp.square(x - mean), axes)   # two-pass, biased: what torch normalises with
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * inv_std * scale + bias
+  return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_bwd(epsilon, res, cts):
+  del epsilon
+  x, mean, inv_std, scale = res
+  g, g_mean, g_var = cts
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  centred = x - mean
+  sum_g = jnp.sum(g, axes)
+  dot_p = jnp.sum(g * centred, axes)
+  dx = (g - sum_g / n - centred * (dot_p * inv_std * inv_std / n)) * (inv_std * scale)
+  # the batch statistics' own cotangents (zero where, as here, they only feed running stats)
+  dx = dx + g_mean / n + centred * (2.0 * g_var / n)
+  return dx, dot_p * inv_std, sum_g
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def layer_norm(name: str):

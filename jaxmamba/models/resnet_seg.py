@@ -81,8 +81,7 @@ class ResNetSeg(nn.Module):
     kind, blocks = LAYOUTS[self.depth]
     y = _conv(64, 7, 2, "conv1", self.dtype)(x)
     y = nn.relu(BatchNorm2d(name="bn1")(y, train))
-    # max_pool pads with -inf, as torch does
-    y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    y = torch_compat.max_pool2d(y, 3, 2, padding=1)
     for i, (width, n) in enumerate(zip(LAYER_WIDTHS, blocks), start=1):
       for j in range(n):
         stride = 2 if (i > 1 and j == 0) else 1

@@ -87,7 +87,7 @@ def upsample2(x):
 
 
 def max_pool2(x):
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return torch_compat.max_pool2d(x, 2)
 
 
 class UltraLightVMUNet(nn.Module):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxmamba.models.cnn_common import (BatchNorm2d, TorchConverter, check_nhwc_input,
                                         expected_variables, torch_default_conv)
+from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import ConvTranspose2d
 
 WIDTHS = (32, 64, 128, 256)
@@ -47,10 +48,10 @@ class UNet(nn.Module):
     skips = []
     for i, width in enumerate(WIDTHS, start=1):
       if i > 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = torch_compat.max_pool2d(x, 2)
       x = DoubleConv(width, self.dtype, name=f"encoder{i}")(x, train)
       skips.append(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = torch_compat.max_pool2d(x, 2)
     x = DoubleConv(BOTTLENECK, self.dtype, name="bottleneck")(x, train)
     for i in range(len(WIDTHS), 0, -1):
       width, skip = WIDTHS[i - 1], skips[i - 1]
