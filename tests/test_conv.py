@@ -96,3 +96,96 @@ def test_conv_transpose_phases_rejects_an_empty_output_and_a_rectangular_kernel(
     fast_conv.conv_transpose_phases(x, jnp.zeros((2, 2, 2, 1)), 2, 1)
   with pytest.raises(ValueError, match="square kernel"):
     fast_conv.conv_transpose_phases(x, jnp.zeros((2, 3, 2, 1)), 2, 0)
+
+
+def _native_conv(x, w, stride, padding, dilation):
+  return jax.lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
+                                      dimension_numbers=DIMS)
+
+
+# Every convolution the 13 models have (3x3/1/1 and /2, ResNet's 7x7/2/3 stem, 1x1/1 and 1x1/2
+# downsamples, SegFormer's 7x7/4/3 patch embedding and stride == kernel reducers, UltraLight's
+# 7x7 dilation-3 padding-9 conv), then uneven ones: asymmetric padding, unequal strides and
+# dilations, padding beyond the kernel, sizes that leave input rows unread, and narrow images
+# whose last block of rows (at 7 pixels a block) runs past the bottom.
+CONVS = [((2, 9, 9, 3), 4, 3, (1, 1), ((1, 1), (1, 1)), (1, 1)),
+         ((2, 9, 8, 3), 4, 3, (2, 2), ((1, 1), (1, 1)), (1, 1)),
+         ((1, 20, 18, 3), 5, 7, (2, 2), ((3, 3), (3, 3)), (1, 1)),
+         ((2, 6, 7, 5), 3, 1, (1, 1), ((0, 0), (0, 0)), (1, 1)),
+         ((2, 7, 6, 5), 3, 1, (2, 2), ((0, 0), (0, 0)), (1, 1)),
+         ((1, 17, 19, 3), 4, 7, (4, 4), ((3, 3), (3, 3)), (1, 1)),
+         ((2, 16, 16, 4), 4, 8, (8, 8), ((0, 0), (0, 0)), (1, 1)),
+         ((1, 15, 14, 2), 1, 7, (1, 1), ((9, 9), (9, 9)), (3, 3)),
+         ((2, 11, 10, 3), 2, 3, (2, 1), ((0, 2), (1, 0)), (1, 2)),
+         ((1, 8, 9, 2), 3, 2, (3, 2), ((3, 1), (0, 4)), (1, 1)),
+         ((3, 13, 12, 2), 2, 1, (1, 2), ((1, 0), (2, 1)), (1, 1)),
+         ((1, 9, 3, 2), 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1)),
+         ((1, 13, 4, 2), 2, 3, (2, 2), ((1, 1), (1, 1)), (1, 1))]
+
+
+@pytest.mark.parametrize("shape,cout,k,stride,padding,dilation", CONVS)
+@pytest.mark.parametrize("patch_pixels", [2048, 7])
+def test_conv_value_and_gradients_match_xla(monkeypatch, shape, cout, k, stride, padding,
+                                            dilation, patch_pixels):
+  """conv.conv_general_dilated (nn.Conv's hook) against lax.conv_general_dilated; a block of 7
+  output pixels splits the weight gradient into many blocks of images and rows, the last one
+  padded."""
+  monkeypatch.setattr(fast_conv, "_PATCH_PIXELS", patch_pixels)
+  rng = np.random.default_rng(sum(shape) + k)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, shape[-1], cout)), jnp.float32)
+  ours = lambda a, b: fast_conv.conv_general_dilated(  # noqa: E731
+      a, b, stride, padding, rhs_dilation=dilation, dimension_numbers=DIMS)
+  y_ref = _native_conv(x, w, stride, padding, dilation)
+  y = jax.jit(ours)(x, w)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  ct = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
+  grads = jax.jit(jax.grad(lambda a, b: jnp.sum(ours(a, b) * ct), argnums=(0, 1)))(x, w)
+  grads_ref = jax.grad(lambda a, b: jnp.sum(_native_conv(a, b, stride, padding, dilation) * ct),
+                       argnums=(0, 1))(x, w)
+  for g, g_ref in zip(grads, grads_ref):
+    assert _rel(g, g_ref) < 1e-6
+
+
+def test_conv_takes_xla_path_where_it_does_not_apply_and_string_padding_works():
+  """Groups, input dilation and negative padding go to XLA unchanged; 'SAME' is resolved."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 7, 6, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)
+  cases = [dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), feature_group_count=2),
+           dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)),
+           dict(window_strides=(1, 1), padding=((-1, 1), (1, 1)))]
+  for kw in cases:
+    w_ = w if kw.get("feature_group_count") else jnp.concatenate([w, w], axis=2)
+    ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        a, b, dimension_numbers=DIMS, **kw))), argnums=(0, 1))(x, w_)
+    got = jax.grad(lambda a, b: jnp.sum(jnp.sin(fast_conv.conv_general_dilated(
+        a, b, dimension_numbers=DIMS, **kw))), argnums=(0, 1))(x, w_)
+    for g, g_ref in zip(got, ref):
+      np.testing.assert_array_equal(g, g_ref)
+  w4 = jnp.concatenate([w, w], axis=2)
+  for padding in ("SAME", "VALID"):
+    np.testing.assert_allclose(
+        fast_conv.conv_general_dilated(x, w4, (2, 1), padding, dimension_numbers=DIMS),
+        jax.lax.conv_general_dilated(x, w4, (2, 1), padding, dimension_numbers=DIMS),
+        rtol=1e-5, atol=1e-5)
+
+
+def test_models_conv_layer_uses_the_hook_and_agrees_with_xla(monkeypatch):
+  """torch_compat.conv2d's nn.Conv computes through conv.conv_general_dilated; switching the CPU
+  paths off (conv.ENABLED) gives the same values and gradients."""
+  layer = torch_compat.conv2d(5, 3, stride=2, padding=1, in_features=4)
+  assert layer.conv_general_dilated is fast_conv.conv_general_dilated
+  calls = []
+  monkeypatch.setattr(fast_conv, "_weight_gradient",
+                      lambda *a, _f=fast_conv._weight_gradient, **k: calls.append(1) or _f(*a, **k))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 8, 4)), jnp.float32)
+  v = layer.init(jax.random.PRNGKey(0), x)
+  f = lambda v_, x_: jnp.sum(jnp.sin(layer.apply(v_, x_)))  # noqa: E731
+  fast = jax.value_and_grad(f, argnums=(0, 1))(v, x)
+  assert calls, "the weight gradient did not take jaxmamba.nn.conv's path"
+  monkeypatch.setattr(fast_conv, "ENABLED", False)
+  native = jax.value_and_grad(f, argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(native)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,89 @@
+"""torch_compat's pooling and resizing and BatchNorm2d's written-out gradient, against PyTorch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmamba.models import cnn_common
+from jaxmamba.nn import torch_compat
+
+torch = pytest.importorskip("torch")
+
+
+def _nchw(a):
+  return torch.tensor(np.asarray(a).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+
+
+def _nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# UNet's and UltraLight's 2x2 pooling, ResNet-Seg's 3x3/2/1, uneven sizes (floor mode).
+@pytest.mark.parametrize("shape,k,s,p", [((2, 8, 8, 3), 2, 2, 0), ((2, 9, 11, 3), 3, 2, 1),
+                                         ((1, 7, 5, 2), 2, 2, 0), ((1, 10, 9, 2), 3, 3, 1)])
+def test_max_pool2d_values_and_gradient_match_torch_with_ties_and_nans(shape, k, s, p):
+  """Rounded ReLU outputs tie often; torch sends the gradient to the first maximum in row-major
+  window order, and a NaN wins its window."""
+  rng = np.random.default_rng(sum(shape))
+  x = np.maximum(rng.standard_normal(shape), 0).round(1).astype(np.float32)
+  x[0, 1, 1, 0] = np.nan
+  y = torch_compat.max_pool2d(jnp.asarray(x), k, s, p)
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  dx = jax.vjp(lambda a: torch_compat.max_pool2d(a, k, s, p), jnp.asarray(x))[1](jnp.asarray(g))[0]
+  xt = _nchw(x)
+  yt = torch.nn.functional.max_pool2d(xt, k, s, p)
+  yt.backward(_nchw(g))
+  np.testing.assert_array_equal(y, _nhwc(yt))
+  np.testing.assert_array_equal(dx, _nhwc(xt.grad))
+
+
+def test_max_pool2d_rejects_padding_torch_rejects():
+  with pytest.raises(ValueError, match="padding"):
+    torch_compat.max_pool2d(jnp.zeros((1, 4, 4, 1)), 2, 2, 2)
+
+
+@pytest.mark.parametrize("shape,size,align", [((2, 8, 8, 5), (64, 64), True),
+                                              ((2, 16, 16, 1), (64, 64), False),
+                                              ((1, 7, 9, 3), (13, 20), True),
+                                              ((1, 9, 7, 3), (4, 5), False),
+                                              ((1, 5, 6, 2), (5, 11), True)])
+def test_resize_bilinear_values_and_gradient_match_torch(shape, size, align):
+  rng = np.random.default_rng(len(shape) + size[0])
+  x = rng.standard_normal(shape).astype(np.float32)
+  y, vjp = jax.vjp(lambda a: torch_compat.resize_bilinear(a, size, align), jnp.asarray(x))
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  xt = _nchw(x)
+  yt = torch.nn.functional.interpolate(xt, size=size, mode="bilinear", align_corners=align)
+  yt.backward(_nchw(g))
+  np.testing.assert_allclose(y, _nhwc(yt), rtol=0, atol=2e-6)
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], _nhwc(xt.grad), rtol=0, atol=2e-5)
+
+
+def _batch_norm_by_autodiff(x, scale, bias, eps):
+  mean = x.mean((0, 1, 2))
+  var = jnp.square(x - mean).mean((0, 1, 2))
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (4, 16, 16, 8)])
+def test_batch_norm_gradient_matches_autodiff_and_torch(shape):
+  """Forward as before (bit for bit), gradients of y and of the batch statistics as autodiff of
+  the formula gives them, and y's gradients as torch's BatchNorm2d computes them."""
+  rng = np.random.default_rng(shape[1])
+  x, g = (jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32) for _ in range(2))
+  scale, bias, g_mean, g_var = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+                                for _ in range(4))
+  ours = lambda a, s, b: cnn_common.batch_norm_train(a, s, b, 1e-5)  # noqa: E731
+  out, vjp = jax.vjp(ours, x, scale, bias)
+  ref, vjp_ref = jax.vjp(lambda a, s, b: _batch_norm_by_autodiff(a, s, b, 1e-5), x, scale, bias)
+  for a, b in zip(out, ref):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(vjp((g, g_mean, g_var)), vjp_ref((g, g_mean, g_var))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+  xt, st, bt = _nchw(x), torch.tensor(np.asarray(scale), requires_grad=True), \
+      torch.tensor(np.asarray(bias), requires_grad=True)
+  torch.nn.functional.batch_norm(xt, None, None, st, bt, training=True).backward(_nchw(g))
+  dx, ds, db = vjp((g, jnp.zeros_like(g_mean), jnp.zeros_like(g_var)))
+  np.testing.assert_allclose(dx, _nhwc(xt.grad), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ds, st.grad.numpy(), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-5, atol=1e-4)
