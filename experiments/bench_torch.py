@@ -88,8 +88,8 @@ def _ours(x, w, k, stride, pad, transpose, fast):
   if transpose:
     return jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), [(k - 1 - pad,) * 2] * 2,
                                         lhs_dilation=(stride, stride), dimension_numbers=DIMS)
-  return fast_conv.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
-                                        dimension_numbers=DIMS)
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
+                                      dimension_numbers=DIMS)
 
 
 def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, float, float]]:

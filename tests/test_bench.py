@@ -123,7 +123,8 @@ def test_bench_train_compare_torch_cli(tmp_path):
     # the rates are printed to 2 decimals: the ratio of printed rates carries their rounding
     assert ratio == pytest.approx(ours / torch_rate, abs=0.006 + 0.005 * (1 + ratio) / torch_rate)
   convs = [l for l in text.splitlines() if l.startswith(("| conv 3x3", "| ConvTranspose"))]
-  assert len(convs) == 3 and "ours with jaxmamba.nn.conv's CPU paths; batch 2, 32x32" in text
+  assert len(convs) == 3 and "ours with jaxmamba.nn.conv's CPU paths, XLA_FLAGS=" in text
+  assert "; batch 2, 32x32" in text
   bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_torch",
                         "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "unknown model(s) ['vgg']" in bad.stderr

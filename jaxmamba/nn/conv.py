@@ -10,29 +10,26 @@ gradient is summed over blocks of pixels, which keeps both CPU threads busy wher
 with a huge contraction and a small result would not.  Overlapping kernels (ResNet-Seg's 4x4
 stride 2 padding 1) are one product of input patches per stride phase (conv_transpose_phases).
 
-Measured and not used: the same blocked products for the ordinary convolutions' weight gradient
-(one per kernel tap) made UMambaBot-PP's train step slower (1.8 s against 1.5 s at batch 4,
-128 px), so those stay XLA's own; and XLA's CPU options `--xla_cpu_use_onednn=true` and
-`--xla_cpu_use_xnnpack=true` made the forward convolution 2-3x and the transposed convolution's
-gradient 4-5x slower, so they stay at their defaults.
+Ordinary convolutions stay XLA's own, on Eigen rather than YNNPACK (jaxmamba.xla_flags): there
+XLA's weight gradient of a 3x3 conv 64->64 on 4x256x256 takes 161 ms, against 808 ms on
+YNNPACK.  Measured and not used: the weight gradient as an im2col product over blocks of output
+rows (210 ms there: 4x faster than YNNPACK's, 1.3x slower than Eigen's), a 1x1 convolution as
+a matrix product (no faster than Eigen's in UNet, ResNet18-seg or SegFormer), per-tap blocked
+products for the weight gradient (slower still), and XLA's CPU options `--xla_cpu_use_onednn`
+and `--xla_cpu_use_xnnpack` (forward convolutions 2-3x, the transposed convolution's gradient
+4-5x slower).
 
 `use_fast_cpu_path()` decides once, at trace time: on a GPU the native (cuDNN) path stays.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 # Output pixels per block of the weight-gradient product (see _blocked_xt_y).
 _BLOCK_ROWS = 4096
-# Output pixels per im2col block of an ordinary convolution's weight gradient (_weight_gradient):
-# 2048 measured best of 1024-16384 for a 3x3 conv 64->64 on 4x256x256.
-_PATCH_PIXELS = 2048
 
 
 # False forces XLA's native convolutions everywhere (`bench_train --native_conv`: the "before").
@@ -126,128 +123,3 @@ def conv_transpose_phases(x, kernel, stride: int, padding: int):
   u = jnp.dot(patches, w).reshape(n, hm, wm, s, s, cout)
   u = u.transpose(0, 1, 3, 2, 4, 5).reshape(n, hm * s, wm * s, cout)
   return u[:, p:p + out_h, p:p + out_w]
-
-
-# ------------------------------------------------------------------------------------------------
-# Ordinary convolutions: XLA's forward and input gradient, our weight gradient
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, whose weight gradient runs 2-4x faster on a CPU (nn.Conv's hook).
-
-  XLA computes a convolution's weight gradient as a convolution whose kernel is the whole
-  cotangent image; on the CPU that falls off the fast path (a 3x3 conv 64->64 on 4x256x256:
-  80 ms forward, 81 ms input gradient, 808 ms weight gradient).  Where this helps (a CPU, a 2-D
-  NHWC/HWIO convolution, no groups, no input dilation) the forward pass and the input gradient
-  stay XLA's own and the weight gradient is an im2col product over blocks of output rows
-  (_weight_gradient: 210 ms there); a 1x1 kernel is one matrix product (_pointwise_conv).
-  Everything else is `lax.conv_general_dilated` unchanged.
-  """
-  native = lambda: lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
-  if not (use_fast_cpu_path() and lhs.ndim == 4 and feature_group_count == 1
-          and batch_group_count == 1 and preferred_element_type is None
-          and all(d == 1 for d in (lhs_dilation or (1, 1)))
-          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-    return native()
-  dilation = tuple(rhs_dilation or (1, 1))
-  if isinstance(padding, str):
-    window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
-    padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if min(min(p) for p in padding) < 0:
-    return native()
-  if rhs.shape[:2] == (1, 1):
-    return _pointwise_conv(lhs, rhs, tuple(window_strides), padding, precision)
-  return conv2d_nhwc(lhs, rhs, tuple(window_strides), padding, dilation, precision)
-
-
-def _pointwise_conv(x, w, strides, padding, precision):
-  """A 1x1 convolution as the matrix product it is: 4-5x faster forward + backward than XLA's CPU
-  convolution (1024->256 on 4x64x64: 148 against 716 ms); XLA differentiates the product."""
-  if any(p for pair in padding for p in pair):
-    x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
-  if strides != (1, 1):
-    x = x[:, ::strides[0], ::strides[1]]
-  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _xla_conv(x, w, strides, padding, dilation, precision):
-  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
-                                  dimension_numbers=_NHWC, precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv2d_nhwc(x, w, strides, padding, dilation, precision=None):
-  """A 2-D convolution (x NHWC, w HWIO, explicit padding) with the im2col weight gradient."""
-  return _xla_conv(x, w, strides, padding, dilation, precision)
-
-
-def _conv2d_fwd(x, w, strides, padding, dilation, precision):
-  return _xla_conv(x, w, strides, padding, dilation, precision), (x, w)
-
-
-def _conv2d_bwd(strides, padding, dilation, precision, res, ct):
-  x, w = res
-  # XLA's input gradient is a forward convolution and already fast; unused cotangents (the image
-  # fed to the first layer) are dropped by XLA's dead-code elimination.
-  (dx,) = jax.linear_transpose(
-      lambda a: _xla_conv(a, w, strides, padding, dilation, precision), x)(ct)
-  dw = _weight_gradient(x, ct, w.shape[:2], strides, padding, dilation, precision)
-  return dx, dw.astype(w.dtype)
-
-
-conv2d_nhwc.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-  return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
-
-
-def _weight_gradient(x, ct, kernel_size: Sequence[int], strides, padding, dilation,
-                     precision=None):
-  """d(conv)/d(kernel) (kh, kw, in, out) in float32: sum over output pixels of patch^T ct.
-
-  The patches (im2col) of ~_PATCH_PIXELS output pixels at a time are built and multiplied in a
-  loop, so no full im2col matrix is ever written: the loop body's product has a contraction of
-  a few thousand and a (out, kh*kw*in) result, a shape XLA's CPU dot runs near its peak, where
-  the native gradient's one contraction over the whole image does not.
-  """
-  n, h, wd, c = x.shape
-  _, oh, ow, o = ct.shape
-  kh, kw = kernel_size
-  (sh, sw), (dh, dw) = strides, dilation
-  (pt, pb), (pl, pr) = padding
-  images = _largest_divisor_at_most(n, max(1, _PATCH_PIXELS // ow))
-  rows = max(1, min(oh, _PATCH_PIXELS // (images * ow)))
-  row_blocks = -(-oh // rows)
-  span_h = (rows - 1) * sh + (kh - 1) * dh + 1
-  # zero rows past the bottom feed only the zero cotangent rows of the last, padded block
-  extra_h = max(0, (row_blocks * rows - 1) * sh + (kh - 1) * dh + 1 - (h + pt + pb))
-  xp = jnp.pad(x, ((0, 0), (pt, pb + extra_h), (pl, pr), (0, 0)))
-  ctp = jnp.pad(ct, ((0, 0), (0, row_blocks * rows - oh), (0, 0), (0, 0)))
-  taps = [(a * dh, b * dw) for a in range(kh) for b in range(kw)]
-
-  def block(i):
-    img, row = (i // row_blocks) * images, (i % row_blocks) * rows
-    xb = lax.dynamic_slice(xp, (img, row * sh, 0, 0), (images, span_h) + xp.shape[2:])
-    patches = jnp.concatenate(
-        [xb[:, a:a + (rows - 1) * sh + 1:sh, b:b + (ow - 1) * sw + 1:sw] for a, b in taps], -1)
-    cb = lax.dynamic_slice(ctp, (img, row, 0, 0), (images, rows, ow, o))
-    return lax.dot_general(cb.reshape(-1, o), patches.reshape(-1, kh * kw * c),
-                           (((0,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
-
-  count = (n // images) * row_blocks
-  acc = block(0) if count == 1 else lax.fori_loop(
-      0, count, lambda i, acc: acc + block(i), jnp.zeros((o, kh * kw * c), jnp.float32))
-  return acc.T.reshape(kh, kw, c, o)

@@ -77,8 +77,7 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
                  kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
                  kernel_init=kernel_init or torch_kernel_init(),
-                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name,
-                 conv_general_dilated=fast_conv.conv_general_dilated)
+                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
 
 
 def dense(features: int, in_features: int, bias: bool = True, name=None, kernel_init=None,
