@@ -54,3 +54,10 @@ def test_apply_does_nothing_once_backends_have_started(monkeypatch):
 def test_option_is_in_effect_in_this_test_process():
   """The test run itself (which imports jaxmamba first) runs with the option."""
   assert xla_flags.OPTION in os.environ.get("XLA_FLAGS", "")
+
+
+def test_only_measured_jaxlib_versions_get_the_option(monkeypatch):
+  """XLA aborts on an unknown flag or value, so another jaxlib keeps its defaults."""
+  assert xla_flags._jaxlib_measured()           # the pinned jaxlib
+  monkeypatch.setattr(xla_flags, "MEASURED_JAXLIB", ("0.9.",))
+  assert not xla_flags._jaxlib_measured()
