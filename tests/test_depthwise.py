@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmamba.nn import depthwise
 from jaxmamba.nn.depthwise import DepthwiseConv
 
 
@@ -24,7 +25,11 @@ def _pair(features, kernel_size, padding, use_bias=True, dtype=None):
     ((1, 6, 7, 3), 3, (2, 3), [(0, 1), (2, 0)]),        # uneven kernel and padding
 ])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_matches_grouped_conv(shape, features, kernel_size, padding, use_bias):
+@pytest.mark.parametrize("block_elements", [1 << 17, 50])
+def test_matches_grouped_conv(monkeypatch, shape, features, kernel_size, padding, use_bias,
+                              block_elements):
+  """At 50 values a block the kernel gradient loops over blocks of rows, the last one padded."""
+  monkeypatch.setattr(depthwise, "_BLOCK_ELEMENTS", block_elements)
   ours, theirs = _pair(features, kernel_size, padding, use_bias)
   theirs = theirs(shape[-1])
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
