@@ -128,10 +128,8 @@ def write_outputs(workdir: str, cases: list[dict], summary: dict) -> None:
     w = csv.DictWriter(f, fieldnames=CASE_COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(cases)
-  tmp = os.path.join(workdir, "summary.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(writers.plain(summary), f, indent=2)   # NaN (undefined) -> null: strict JSON
-  os.replace(tmp, os.path.join(workdir, "summary.json"))
+  # NaN (undefined) -> null: strict JSON
+  writers.write_json(os.path.join(workdir, "summary.json"), writers.plain(summary))
 
 
 def _num(x, digits: int = 3) -> str:

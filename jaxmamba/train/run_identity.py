@@ -22,6 +22,7 @@ import jax
 
 from jaxmamba.data import splits
 from jaxmamba.errors import UserError
+from jaxmamba.train import writers
 
 RUN_JSON = "run.json"
 FORMAT = "jaxmamba.run/1"
@@ -189,9 +190,6 @@ def check_and_record(config, workdir: str) -> dict:
   current = identity(config)
   if _has_checkpoints(workdir):
     _raise_if_different(workdir, current)
-  if jax.process_index() == 0:
-    tmp = os.path.join(workdir, RUN_JSON + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"format": FORMAT, "identity": current}, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, RUN_JSON))
+  writers.write_json(os.path.join(workdir, RUN_JSON), {"format": FORMAT, "identity": current},
+                     sort_keys=True)
   return current

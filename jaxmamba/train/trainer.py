@@ -34,7 +34,7 @@ from jaxmamba.nn import torch_compat
 from jaxmamba.nn.torch_compat import resize_bilinear
 from jaxmamba.data import splits as splits_lib
 from jaxmamba.train import evaluate as ev
-from jaxmamba.train import bn_chunks, losses, metrics, recipe, run_identity
+from jaxmamba.train import bn_chunks, losses, metrics, recipe, run_identity, writers
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.writers import MetricWriter
 
@@ -61,12 +61,7 @@ def say(msg: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=float)
-  os.replace(tmp, path)   # atomic: a kill never leaves half a file
+  writers.write_json(path, obj, default=float)
 
 
 def count_params(params) -> int:

@@ -1,4 +1,5 @@
-"""Metric sinks: JSON lines files and TensorBoard event files (process 0 only)."""
+"""Metric sinks: JSON lines files and TensorBoard event files, and whole JSON files written
+atomically (process 0 only)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,17 @@ def plain(v):
     return int(v)
   v = float(np.asarray(v))
   return v if math.isfinite(v) else None
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  """Writes `obj` to `path` as indented JSON from process 0, atomically: a kill never leaves
+  half a file."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, **dump_kwargs)
+  os.replace(tmp, path)
 
 
 class MetricWriter:
