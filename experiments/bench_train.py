@@ -176,8 +176,8 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
            else "ours with jaxmamba.nn.conv's CPU paths")
   lines.append(f"\n{convs}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; batch {batch_size}, "
                f"{image_size}x{image_size}, float32, {threads} threads (torch {torch.__version__}, "
-               f"jax {jax.__version__} on {jax.devices()[0].platform}); median of {steps} steps after a warm-up one; "
-               f"load average at the end {os.getloadavg()[0]:.1f}.")
+               f"jax {jax.__version__} on {jax.devices()[0].platform}); median of {steps} steps "
+               f"after a warm-up one; load average at the end {os.getloadavg()[0]:.1f}.")
   return "\n".join(lines)
 
 

@@ -151,9 +151,9 @@ def _interp_axis(x, axis: int, out_len: int, align_corners: bool):
     return x
   lo, hi, w = _source_index(out_len, in_len, align_corners)
   # One product with the (out, in) interpolation matrix, two weights a row: its gradient is the
-  # transposed product, where the gather formulation's was a scatter-add (SegFormer's resizes
-  # took 50 ms of its CPU train step that way, 9 as products).  HIGHEST keeps float32 products
-  # on accelerators whose default would round them to bfloat16 or TF32.
+  # transposed product, where the gather formulation's was a scatter-add (SegFormer's 4x8x8x512
+  # -> 64x64 on the CPU, forward + backward: 52 ms gathered, 23 ms as products).  HIGHEST keeps
+  # float32 products on accelerators whose default would round them to bfloat16 or TF32.
   m = np.zeros((out_len, in_len), np.float32)
   np.add.at(m, (np.arange(out_len), lo), 1 - w)
   np.add.at(m, (np.arange(out_len), hi), w)
