@@ -162,6 +162,46 @@ def test_segformer_parity(size, train):
   assert compare("segformer", size, train=train, batch=2 if size == 64 else 1) <= 1e-4
 
 
+def compare_gradients(name: str, size: int, batch: int = 2, seed: int = 0) -> None:
+  """Train-mode gradients of sum(logits * r) with respect to the input and every parameter, ours
+  against the torch oracle's (rewritten layers such as SegFormer's folded decoder or the custom
+  depthwise and BatchNorm gradients must give torch's gradients, not only its outputs)."""
+  tm = perturbed(TORCH_MODELS[name](), seed).train()
+  gen = torch.Generator().manual_seed(seed + 1)
+  x = torch.rand(batch, 3, size, size, generator=gen, requires_grad=True)
+  r = torch.randn(batch, 1, size, size, generator=gen)
+  logits = tm.forward_full(x) if name == "segformer" else tm(x)
+  (logits * r).sum().backward()
+  variables = registry.from_torch_state_dict(name, tm.state_dict())
+  grads_t = registry.from_torch_state_dict(
+      name, {k: (tm.get_parameter(k).grad if k in dict(tm.named_parameters()) else v)
+             for k, v in tm.state_dict().items()})["params"]
+  model = registry.build(name)
+
+  def loss(params, xj):
+    logits, _ = model.apply({**variables, "params": params}, xj, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(logits * jnp.asarray(nhwc(r)))
+
+  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"],
+                                                           jnp.asarray(nhwc(x)))
+  assert rel_err(g_x, nhwc(x.grad)) <= 1e-4
+  flat_t = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(grads_t)}
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(g_params)}
+  assert flat.keys() == flat_t.keys()
+  # Per tensor, so a small tensor cannot hide in a total; the absolute slack covers float32
+  # cancellation in sums of +- terms far larger than their result.
+  scale = max(float(np.abs(v).max()) for v in flat_t.values())
+  for k in flat_t:
+    err = np.linalg.norm(np.ravel(flat[k]) - np.ravel(flat_t[k]))
+    assert err <= 1e-4 * np.linalg.norm(flat_t[k]) + 1e-6 * scale, (k, err,
+                                                                     np.linalg.norm(flat_t[k]))
+
+
+def test_segformer_gradients_match_torch():
+  compare_gradients("segformer", 64)
+
+
 def test_segformer_internal_logits_are_quarter_resolution_upsampled():
   """sigmoid(ours) equals the authors' probabilities after *their* upsample of H/4 logits."""
   tm = perturbed(torch_segformer.SegFormer(), 3).eval()
