@@ -45,6 +45,30 @@ def test_matches_grouped_conv(monkeypatch, shape, features, kernel_size, padding
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_split_multiplier_gives_each_multiplier_its_channels(use_bias):
+  """split_multiplier: M maps, the m-th torch's channels c * M + m, with the same gradients."""
+  shape, features = (2, 9, 11, 5), 20
+  ours, theirs = _pair(features, (3, 3), [(1, 1), (1, 1)], use_bias)
+  split = DepthwiseConv(features, (3, 3), padding=[(1, 1), (1, 1)], use_bias=use_bias,
+                        split_multiplier=True)
+  theirs = theirs(shape[-1])
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  v = theirs.init(jax.random.PRNGKey(1), x)
+  want = theirs.apply(v, x)
+  parts = split.apply(v, x)
+  assert len(parts) == 4
+  for m, part in enumerate(parts):
+    np.testing.assert_allclose(part, want[..., m::4], rtol=1e-5, atol=1e-5)
+  cot = jax.random.normal(jax.random.PRNGKey(2), want.shape)
+  g_split = jax.grad(lambda v, x: sum(jnp.sum(p * cot[..., m::4])
+                                      for m, p in enumerate(split.apply(v, x))),
+                     argnums=(0, 1))(v, x)
+  g_theirs = jax.grad(lambda v, x: jnp.sum(theirs.apply(v, x) * cot), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_compute_accumulates_in_float32():
   ours, _ = _pair(8, (3, 3), [(1, 1), (1, 1)], dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 5, 8))

@@ -191,7 +191,9 @@ def expected_variables(model: nn.Module, size: int = 64) -> dict:
 
 
 def torch_default_conv(features: int, kernel: int, in_features: int, name: str, stride: int = 1,
-                       padding: int = 0, groups: int = 1, bias: bool = True, dtype: Any = None):
+                       padding: int = 0, groups: int = 1, bias: bool = True, dtype: Any = None,
+                       split_multiplier: bool = False):
   """Shorthand for torch_compat.conv2d with torch's default init."""
   return torch_compat.conv2d(features, kernel, stride=stride, padding=padding, groups=groups,
-                             bias=bias, in_features=in_features, name=name, dtype=dtype)
+                             bias=bias, in_features=in_features, name=name, dtype=dtype,
+                             split_multiplier=split_multiplier)

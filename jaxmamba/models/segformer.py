@@ -94,28 +94,19 @@ class EncoderBlock(nn.Module):
     x = x + EfficientAttention(self.reduction, self.heads, self.dtype, name="attn")(
         layer_norm("attn_norm")(x))
     y = layer_norm("mlp_norm")(x)
-    y = torch_default_conv(c, 1, c, "mlp_in", dtype=self.dtype)(y)
-    y = torch_default_conv(c * MLP_EXPANSION, 3, c, "mlp_dw", padding=1, groups=c,
-                           dtype=self.dtype)(y)
-    y = nn.gelu(y, approximate=False)
-    y = torch_default_conv(c, 1, c * MLP_EXPANSION, "mlp_out", dtype=self.dtype)(y)
+    y = torch_compat.Conv1x1(c, c, dtype=self.dtype, name="mlp_in")(y)
+    # The depthwise conv's four outputs per channel as four C-channel maps, each from y itself,
+    # and mlp_out as the sum of their products with its matching kernel rows: the same sums as
+    # torch's, without first repeating y's channels four times (jaxmamba.nn.depthwise).
+    parts = torch_default_conv(c * MLP_EXPANSION, 3, c, "mlp_dw", padding=1, groups=c,
+                               dtype=self.dtype, split_multiplier=True)(y)
+    kernel, bias = torch_compat.Conv1x1(c, c * MLP_EXPANSION, name="mlp_out")()
+    y = bias
+    for m, part in enumerate(parts):
+      part, k_m = promote_dtype(torch_compat.gelu(part), kernel[m::MLP_EXPANSION],
+                                dtype=self.dtype)
+      y = y + jnp.dot(part, k_m)
     return x + y.astype(x.dtype)
-
-
-class _Conv1x1Weights(nn.Module):
-  """The parameters of torch_default_conv(features, 1, in_features) (names, shapes, init), as an
-  (in, out) matrix and a bias, for products the model arranges itself."""
-  features: int
-  in_features: int
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self):
-    kernel = self.param("kernel", torch_compat.torch_kernel_init(),
-                        (1, 1, self.in_features, self.features))
-    bias = (self.param("bias", torch_compat.torch_bias_init(self.in_features), (self.features,))
-            if self.use_bias else jnp.zeros((self.features,)))
-    return kernel[0, 0], bias
 
 
 class SegFormer(nn.Module):
@@ -145,12 +136,12 @@ class SegFormer(nn.Module):
     # resolution.  That is 15x fewer products than convolving 1024 channels at H/4 (the CPU train
     # step at batch 4, 256x256: 1.54 s -> 1.29 s), with the same parameters and gradients, a
     # float32 rounding apart (tests/test_models_cnn.py compares both with torch).
-    wf, _ = _Conv1x1Weights(DECODER_CHANNELS, DECODER_CHANNELS * len(WIDTHS), use_bias=False,
-                            name="fuse_conv")()
+    wf, _ = torch_compat.Conv1x1(DECODER_CHANNELS, DECODER_CHANNELS * len(WIDTHS), use_bias=False,
+                                 name="fuse_conv")()
     out_size = features[0].shape[1:3]
     y = 0.0
     for j, f in enumerate(features[::-1]):
-      wd, bd = _Conv1x1Weights(DECODER_CHANNELS, f.shape[-1], name=f"decoder{j}")()
+      wd, bd = torch_compat.Conv1x1(DECODER_CHANNELS, f.shape[-1], name=f"decoder{j}")()
       wf_j = wf[j * DECODER_CHANNELS:(j + 1) * DECODER_CHANNELS]
       w_j = jnp.dot(wd, wf_j, precision=jax.lax.Precision.HIGHEST)
       b_j = jnp.dot(bd, wf_j, precision=jax.lax.Precision.HIGHEST)
@@ -158,7 +149,7 @@ class SegFormer(nn.Module):
       z = jnp.dot(f, w_j) + b_j
       y = y + torch_compat.resize_bilinear(z, out_size, align_corners=True)
     y = BatchNorm2d(name="fuse_bn")(nn.relu(y), train)    # BN after the ReLU, as the authors
-    y = torch_default_conv(1, 1, DECODER_CHANNELS, "predict", dtype=self.dtype)(y)
+    y = torch_compat.Conv1x1(1, DECODER_CHANNELS, dtype=self.dtype, name="predict")(y)
     # The authors' F.interpolate of the H/4 logits to the mask size, done inside the model.
     return torch_compat.resize_bilinear(y.astype(jnp.float32), (h, w), align_corners=False)
 

@@ -22,7 +22,7 @@ NORM_EPS = 1e-5  # torch's LayerNorm/GroupNorm default; Flax's is 1e-6
 
 def gelu(x):
   """torch's default GELU is the exact erf form; Flax's default is the tanh approximation."""
-  return nn.gelu(x, approximate=False)
+  return torch_compat.gelu(x)
 
 
 def group_norm(name: str) -> nn.GroupNorm:

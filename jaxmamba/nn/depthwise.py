@@ -31,7 +31,12 @@ _BLOCK_ELEMENTS = 1 << 17
 
 
 class DepthwiseConv(nn.Module):
-  """Stride-1, undilated conv with `feature_group_count` = input channels (channels last)."""
+  """Stride-1, undilated conv with `feature_group_count` = input channels (channels last).
+
+  With `split_multiplier`, returns the M = features / C outputs per channel as M arrays of C
+  channels, the m-th holding torch's channels c * M + m, each computed from x directly (for a
+  next layer that takes them so, as SegFormer's MixMLP does).
+  """
   features: int
   kernel_size: Sequence[int]
   padding: Sequence[tuple[int, int]]
@@ -40,6 +45,7 @@ class DepthwiseConv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  split_multiplier: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -59,7 +65,17 @@ class DepthwiseConv(nn.Module):
     out_dtype = x.dtype
     multiplier = self.features // channels
     w = kernel.astype(jnp.float32).reshape(ks + (self.features,))
+    bias = None if bias is None else bias.astype(jnp.float32)
     x = x.astype(jnp.float32)
+    padded = [x.shape[1 + i] + sum(self.padding[i]) for i in range(nd)]
+    if min(p - k + 1 for p, k in zip(padded, ks)) < 1:
+      raise ValueError(f"DepthwiseConv: kernel {ks} larger than the padded input {padded}")
+    padding = tuple(tuple(p) for p in self.padding)
+    if self.split_multiplier:
+      return tuple(
+          (depthwise_conv(x, w[..., m::multiplier], padding)
+           + (0.0 if bias is None else bias[m::multiplier])).astype(out_dtype)
+          for m in range(multiplier))
     if multiplier > 1:
       # Each input channel repeated for its `multiplier` outputs, so the taps' products run over
       # the full channel axis (as (..., channels, multiplier) products, SegFormer's multiplier-4
@@ -70,12 +86,9 @@ class DepthwiseConv(nn.Module):
       expand = np.repeat(np.eye(channels, dtype=np.float32), multiplier, axis=1)
       x = jnp.einsum("...c,co->...o", x, jnp.asarray(expand),
                      precision=jax.lax.Precision.HIGHEST)
-    padded = [x.shape[1 + i] + sum(self.padding[i]) for i in range(nd)]
-    if min(p - k + 1 for p, k in zip(padded, ks)) < 1:
-      raise ValueError(f"DepthwiseConv: kernel {ks} larger than the padded input {padded}")
-    y = depthwise_conv(x, w, tuple(tuple(p) for p in self.padding))
+    y = depthwise_conv(x, w, padding)
     if bias is not None:
-      y = y + bias.astype(jnp.float32)
+      y = y + bias
     return y.astype(out_dtype)
 
 
