@@ -106,3 +106,26 @@ def test_gelu_value_and_gradient_match_torch():
   # and a gradient that autodiff of the same formula agrees with
   auto = jax.grad(lambda v: jnp.sum(v * (0.5 + 0.5 * jax.lax.erf(v * np.sqrt(0.5))) * ct))(x)
   np.testing.assert_allclose(grad, auto, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5, 16), (2, 33, 64)])
+def test_layer_norm_value_and_gradients_match_torch_and_autodiff(shape):
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+  scale = rng.normal(size=shape[-1:]).astype(np.float32)
+  bias = rng.normal(size=shape[-1:]).astype(np.float32)
+  ct = rng.normal(size=shape).astype(np.float32)
+  xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+  want = torch.nn.functional.layer_norm(xt, shape[-1:], st, bt, eps=1e-5)
+  want.backward(torch.tensor(ct))
+  got, vjp = jax.vjp(lambda *a: torch_compat.layer_norm(*a, 1e-5), x, scale, bias)
+  np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+  for ours, theirs in zip(vjp(jnp.asarray(ct)), (xt.grad, st.grad, bt.grad)):
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-4)
+
+  def autodiff(x, scale, bias):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+  for ours, auto in zip(vjp(jnp.asarray(ct)), jax.vjp(autodiff, x, scale, bias)[1](ct)):
+    np.testing.assert_allclose(ours, auto, rtol=1e-4, atol=1e-4)

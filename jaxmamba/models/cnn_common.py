@@ -92,8 +92,7 @@ batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 def layer_norm(name: str):
   """torch LayerNorm(C, eps=1e-5) over the last axis, computed and returned in float32."""
-  ln = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, name=name)
-  return lambda x: ln(x.astype(jnp.float32))
+  return torch_compat.LayerNorm(epsilon=1e-5, name=name)
 
 
 def check_nhwc_input(x, multiple: int, model: str) -> None:

@@ -78,7 +78,7 @@ class PVMLayer(nn.Module):
     length = h * w
     # NHWC flattened row-major is the authors' raster token order (h * W + w).
     seq = x.reshape(b, length, c).astype(jnp.float32)
-    norm = nn.LayerNorm(epsilon=NORM_EPS, dtype=jnp.float32, use_fast_variance=False, name="norm")
+    norm = torch_compat.LayerNorm(epsilon=NORM_EPS, name="norm")
     u = norm(seq)
     # (B, L, k*dm) -> (B*k, L, dm): contiguous channel chunks, chunk j of sample i at row i*k + j.
     u = u.reshape(b, length, self.chunks, dm).transpose(0, 2, 1, 3).reshape(b * self.chunks,

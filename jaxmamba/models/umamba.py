@@ -139,8 +139,7 @@ class UMambaBot(nn.Module):
     if self.pyramid_pooling:
       f = torch_compat.PyramidPooling(PPM_CHANNELS, PPM_BINS, dtype=self.dtype, name="ppm")(f)
     b, h, w, c = f.shape
-    tokens = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False,
-                          name="ln")(f.reshape(b, h * w, c))
+    tokens = torch_compat.LayerNorm(epsilon=1e-5, name="ln")(f.reshape(b, h * w, c))
     tokens = mamba_lib.Mamba(c, d_state=16, d_conv=4, expand=2, scan_impl=self.scan_impl,
                              dtype=self.dtype, name="mamba")(tokens.astype(f.dtype))
     skips[-1] = tokens.reshape(b, h, w, c).astype(f.dtype)

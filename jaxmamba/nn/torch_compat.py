@@ -6,6 +6,7 @@ Each function here matches one torch op exactly (same index arithmetic), so mode
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -156,7 +157,53 @@ class ConvTranspose2d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Activations
+# Normalisation and activations
+
+
+class LayerNorm(nn.Module):
+  """torch LayerNorm(C, eps) over the last axis, computed and returned in float32, with
+  nn.LayerNorm's parameters (`scale`, `bias`) and torch's backward formula (layer_norm)."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    return layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+  """(x - mean) / sqrt(biased variance + epsilon) * scale + bias over the last axis.
+
+  The gradient written out as torch's layer_norm_backward computes it (two means over the
+  channels, then one elementwise pass): XLA:CPU fused autodiff's passes of SegFormer's 16
+  residual blocks into fusions of up to 85 inputs that it ran at a fraction of its speed.
+  """
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  mean = jnp.mean(x, -1, keepdims=True)
+  centred = x - mean
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + epsilon)
+  return centred * inv_std * scale + bias, (x, mean, inv_std, scale)
+
+
+def _layer_norm_bwd(epsilon, res, ct):
+  del epsilon
+  x, mean, inv_std, scale = res
+  normed = (x - mean) * inv_std
+  g = ct * scale
+  dx = inv_std * (g - jnp.mean(g, -1, keepdims=True)
+                  - normed * jnp.mean(g * normed, -1, keepdims=True))
+  axes = tuple(range(x.ndim - 1))
+  return dx, jnp.sum(ct * normed, axes), jnp.sum(ct, axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
 
 
 @jax.custom_vjp
