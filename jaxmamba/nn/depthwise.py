@@ -153,8 +153,11 @@ def _kernel_gradient(xp, ct, ks):
   sum_axes = tuple(range(ct.ndim - 1))
 
   def block_sums(xb, cb):
-    return jnp.stack([jnp.sum(window * cb, sum_axes) for _, window in _windows(xb, ks,
-                                                                              cb.shape[1:-1])])
+    # reduce_precision to float32's own precision is the identity; it keeps the product out of
+    # XLA:CPU's YNNPACK reduce fusion, which wrote each window out first, so that XLA's own
+    # reduction reads the windows in place (SegFormer's stage-1 sums: 3.9 -> 2.8 ms a map).
+    return jnp.stack([jnp.sum(jax.lax.reduce_precision(window * cb, 8, 23), sum_axes)
+                      for _, window in _windows(xb, ks, cb.shape[1:-1])])
   if blocks == 1:
     return block_sums(xp, ct)
   # zero cotangent rows past the end contribute nothing; zero input rows keep the slices in range
