@@ -58,8 +58,7 @@ class EfficientAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    kv = torch_default_conv(c, self.reduction, c, "reducer_conv", stride=self.reduction,
-                            dtype=self.dtype)(x)
+    kv = torch_compat.PatchConv(c, c, self.reduction, dtype=self.dtype, name="reducer_conv")(x)
     kv = layer_norm("reducer_norm")(kv).reshape(b, -1, c)      # row-major tokens, h*W + w
     q = x.reshape(b, h * w, c)
     # torch packs q, k, v projections in one (3C, C) tensor, xavier-uniform over all of it
@@ -94,13 +93,13 @@ class EncoderBlock(nn.Module):
     x = x + EfficientAttention(self.reduction, self.heads, self.dtype, name="attn")(
         layer_norm("attn_norm")(x))
     y = layer_norm("mlp_norm")(x)
-    y = torch_compat.Conv1x1(c, c, dtype=self.dtype, name="mlp_in")(y)
+    y = torch_compat.PatchConv(c, c, dtype=self.dtype, name="mlp_in")(y)
     # The depthwise conv's four outputs per channel as four C-channel maps, each from y itself,
     # and mlp_out as the sum of their products with its matching kernel rows: the same sums as
     # torch's, without first repeating y's channels four times (jaxmamba.nn.depthwise).
     parts = torch_default_conv(c * MLP_EXPANSION, 3, c, "mlp_dw", padding=1, groups=c,
                                dtype=self.dtype, split_multiplier=True)(y)
-    kernel, bias = torch_compat.Conv1x1(c, c * MLP_EXPANSION, name="mlp_out")()
+    kernel, bias = torch_compat.PatchConv(c, c * MLP_EXPANSION, name="mlp_out")()
     y = bias
     for m, part in enumerate(parts):
       part, k_m = promote_dtype(torch_compat.gelu(part), kernel[m::MLP_EXPANSION],
@@ -136,12 +135,12 @@ class SegFormer(nn.Module):
     # resolution.  That is 15x fewer products than convolving 1024 channels at H/4 (the CPU train
     # step at batch 4, 256x256: 1.54 s -> 1.29 s), with the same parameters and gradients, a
     # float32 rounding apart (tests/test_models_cnn.py compares both with torch).
-    wf, _ = torch_compat.Conv1x1(DECODER_CHANNELS, DECODER_CHANNELS * len(WIDTHS), use_bias=False,
-                                 name="fuse_conv")()
+    wf, _ = torch_compat.PatchConv(DECODER_CHANNELS, DECODER_CHANNELS * len(WIDTHS),
+                                   use_bias=False, name="fuse_conv")()
     out_size = features[0].shape[1:3]
     y = 0.0
     for j, f in enumerate(features[::-1]):
-      wd, bd = torch_compat.Conv1x1(DECODER_CHANNELS, f.shape[-1], name=f"decoder{j}")()
+      wd, bd = torch_compat.PatchConv(DECODER_CHANNELS, f.shape[-1], name=f"decoder{j}")()
       wf_j = wf[j * DECODER_CHANNELS:(j + 1) * DECODER_CHANNELS]
       w_j = jnp.dot(wd, wf_j, precision=jax.lax.Precision.HIGHEST)
       b_j = jnp.dot(bd, wf_j, precision=jax.lax.Precision.HIGHEST)
@@ -149,7 +148,7 @@ class SegFormer(nn.Module):
       z = jnp.dot(f, w_j) + b_j
       y = y + torch_compat.resize_bilinear(z, out_size, align_corners=True)
     y = BatchNorm2d(name="fuse_bn")(nn.relu(y), train)    # BN after the ReLU, as the authors
-    y = torch_compat.Conv1x1(1, DECODER_CHANNELS, dtype=self.dtype, name="predict")(y)
+    y = torch_compat.PatchConv(1, DECODER_CHANNELS, dtype=self.dtype, name="predict")(y)
     # The authors' F.interpolate of the H/4 logits to the mask size, done inside the model.
     return torch_compat.resize_bilinear(y.astype(jnp.float32), (h, w), align_corners=False)
 

@@ -87,24 +87,38 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups
                  bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
 
 
-class Conv1x1(nn.Module):
-  """torch Conv2d(in_features, features, 1) with its default init (nn.Conv's parameter names and
-  shapes), as a product over the channel axis; called without input, it returns its (in, out)
-  matrix and bias for products the model arranges itself.
+class PatchConv(nn.Module):
+  """torch Conv2d(in_features, features, kernel_size=stride=patch) with its default init
+  (nn.Conv's parameter names and shapes), as a product of non-overlapping patches; patch 1 is a
+  1x1 conv.  Called without input, it returns its (patch * patch * in, out) matrix and bias for
+  products the model arranges itself.  H and W must be multiples of `patch`.
+
+  XLA:CPU's gradient of these as convolutions transposed activations and kernels for Eigen's
+  weight gradient, and recomputed the layers before them inside the copies (SegFormer's train
+  step at batch 4, 256 px: its 1x1 convs so, 1.29 -> ~1.2 s; its attention's patch convs so,
+  0.94 -> 0.90 s).
   """
   features: int
   in_features: int
+  patch: int = 1
   use_bias: bool = True
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x=None):
-    kernel = self.param("kernel", torch_kernel_init(), (1, 1, self.in_features, self.features))
-    bias = (self.param("bias", torch_bias_init(self.in_features), (self.features,))
+    r = self.patch
+    kernel = self.param("kernel", torch_kernel_init(), (r, r, self.in_features, self.features))
+    bias = (self.param("bias", torch_bias_init(self.in_features * r * r), (self.features,))
             if self.use_bias else jnp.zeros((self.features,)))
-    kernel = kernel[0, 0]
+    kernel = kernel.reshape(r * r * self.in_features, self.features)
     if x is None:
       return kernel, bias
+    b, h, w, c = x.shape
+    if h % r or w % r:
+      raise ValueError(f"PatchConv: H and W ({h}, {w}) must be multiples of the patch {r}")
+    if r > 1:   # (b, h/r, w/r, r * r * c) patches, taps in the kernel's (dy, dx, c) order
+      x = x.reshape(b, h // r, r, w // r, r, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+          b, h // r, w // r, r * r * c)
     x, kernel, bias = flax.linen.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return jnp.dot(x, kernel) + bias
 
