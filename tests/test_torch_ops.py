@@ -129,3 +129,21 @@ def test_layer_norm_value_and_gradients_match_torch_and_autodiff(shape):
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
   for ours, auto in zip(vjp(jnp.asarray(ct)), jax.vjp(autodiff, x, scale, bias)[1](ct)):
     np.testing.assert_allclose(ours, auto, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_patch_conv_matches_strided_conv(patch):
+  """PatchConv: nn.Conv's parameters, and its outputs and gradients for kernel = stride."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 5))
+  ours = torch_compat.PatchConv(7, 5, patch)
+  conv = torch_compat.conv2d(7, patch, stride=patch, in_features=5)
+  v = conv.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_allclose(ours.apply(v, x), conv.apply(v, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(v, x)),
+                  jax.tree.leaves(jax.grad(loss(conv), argnums=(0, 1))(v, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  if patch > 1:
+    with pytest.raises(ValueError, match="multiples of the patch"):
+      ours.apply(v, x[:, :7])
