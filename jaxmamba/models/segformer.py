@@ -32,11 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from jaxmamba.models.cnn_common import (BatchNorm2d, TorchConverter, check_nhwc_input,
                                         expected_variables, layer_norm, torch_default_conv)
-from flax.linen.dtypes import promote_dtype
-
 from jaxmamba.nn import torch_compat
 
 WIDTHS = (64, 128, 256, 512)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 # Values per block of the kernel gradient's loop (_kernel_gradient): 2^17 float32 (512 KB),
@@ -71,24 +70,13 @@ class DepthwiseConv(nn.Module):
     if min(p - k + 1 for p, k in zip(padded, ks)) < 1:
       raise ValueError(f"DepthwiseConv: kernel {ks} larger than the padded input {padded}")
     padding = tuple(tuple(p) for p in self.padding)
+    # Each multiplier's C output channels from x itself: x's channels are never repeated.
+    parts = tuple(depthwise_conv(x, w[..., m::multiplier], padding)
+                  + (0.0 if bias is None else bias[m::multiplier]) for m in range(multiplier))
     if self.split_multiplier:
-      return tuple(
-          (depthwise_conv(x, w[..., m::multiplier], padding)
-           + (0.0 if bias is None else bias[m::multiplier])).astype(out_dtype)
-          for m in range(multiplier))
-    if multiplier > 1:
-      # Each input channel repeated for its `multiplier` outputs, so the taps' products run over
-      # the full channel axis (as (..., channels, multiplier) products, SegFormer's multiplier-4
-      # MLP convs took 5x longer: the innermost axis was 4 wide).  The repeat is a product with a
-      # 0/1 matrix, exact for finite values at HIGHEST precision: jnp.repeat's 4-wide broadcast,
-      # fused by XLA:CPU into the LayerNorm and 1x1 conv before it, made SegFormer's eval 15%
-      # slower.
-      expand = np.repeat(np.eye(channels, dtype=np.float32), multiplier, axis=1)
-      x = jnp.einsum("...c,co->...o", x, jnp.asarray(expand),
-                     precision=jax.lax.Precision.HIGHEST)
-    y = depthwise_conv(x, w, padding)
-    if bias is not None:
-      y = y + bias
+      return tuple(p.astype(out_dtype) for p in parts)
+    y = parts[0] if multiplier == 1 else jnp.stack(parts, -1).reshape(   # torch's c * M + m
+        parts[0].shape[:-1] + (self.features,))
     return y.astype(out_dtype)
 
 

@@ -10,10 +10,10 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.linen.dtypes
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from jaxmamba.nn import conv as fast_conv
 from jaxmamba.nn.depthwise import DepthwiseConv
@@ -119,7 +119,7 @@ class PatchConv(nn.Module):
     if r > 1:   # (b, h/r, w/r, r * r * c) patches, taps in the kernel's (dy, dx, c) order
       x = x.reshape(b, h // r, r, w // r, r, c).transpose(0, 1, 3, 2, 4, 5).reshape(
           b, h // r, w // r, r * r * c)
-    x, kernel, bias = flax.linen.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     return jnp.dot(x, kernel) + bias
 
 
@@ -219,7 +219,6 @@ def _layer_norm_bwd(epsilon, res, ct):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-
 @jax.custom_vjp
 def gelu(x):
   """torch's exact GELU, x * (1 + erf(x / sqrt 2)) / 2, and its backward formula,
@@ -231,14 +230,17 @@ def gelu(x):
   return _gelu_fwd(x)[0]
 
 
+def _gelu_cdf(x):
+  return 0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype))
+
+
 def _gelu_fwd(x):
-  return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype))), x
+  return x * _gelu_cdf(x), x
 
 
 def _gelu_bwd(x, ct):
-  cdf = 0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype))
   pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / np.sqrt(2 * np.pi)).astype(x.dtype)
-  return (ct * (cdf + x * pdf),)
+  return (ct * (_gelu_cdf(x) + x * pdf),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
