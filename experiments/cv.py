@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import run as run_cli
+from jaxmamba import huge_pages
 from jaxmamba.errors import ConfigError
 from jaxmamba.train import crossval
 
@@ -56,4 +57,5 @@ def main(argv, name, config_arg=""):
 
 
 if __name__ == "__main__":
+  huge_pages.reexec()
   run_cli.run(entry=main)

@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from jaxmamba import huge_pages
+
 IMAGE_SIZE = (256, 256)
 _EXTENSIONS = (".tif", ".tiff", ".png")
 THRESHOLD = 0.5
@@ -185,4 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec()
   sys.exit(main())
