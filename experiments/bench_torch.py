@@ -6,21 +6,97 @@ the convolution micro-benchmark.  Needs the test dependencies (`bash .ci/setup -
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import time
+import traceback
 
 import numpy as np
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def _median_s(fn, steps: int) -> float:
-  fn()                                  # warm-up (allocator, oneDNN primitive caches)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
+def interleaved_medians(fns: dict, steps: int) -> dict:
+  """Median seconds of each callable in `fns`, timed in turn: one call of each (warm-up:
+  allocator, oneDNN primitive caches, XLA's compilation), then `steps` rounds that call each once.
+  A callable that returns a float returns its own seconds (a `Worker` timing itself).
+
+  Taking turns, call by call, lets both frameworks see the same machine: on a shared machine
+  the speed drifts by 20-30% within minutes, which would otherwise land on whichever side ran
+  during the slow minutes."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  times = {key: [] for key in fns}
+  for _ in range(steps):
+    for key, fn in fns.items():
+      t0 = time.perf_counter()
+      own = fn()
+      times[key].append(own if isinstance(own, float) else time.perf_counter() - t0)
+  return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def _serve(conn, side: str, name: str, batch_size: int, image_size: int, threads: int,
+           native_conv: bool):
+  """A Worker's process: builds one side's step callables, then runs and times each asked for."""
+  try:
+    if side == "torch":
+      import torch
+      torch.set_num_threads(threads)
+      fns = step_fns(name, batch_size, image_size)
+    else:
+      from experiments import bench_ours
+      from jaxmamba.nn import conv
+      conv.ENABLED = not native_conv
+      _, fns = bench_ours.step_fns(
+          bench_ours.authors_harness(name, "float32", batch_size, image_size))
+    conn.send(("ready", None))
+    while (kind := conn.recv()) is not None:
+      t0 = time.perf_counter()
+      fns[kind]()
+      conn.send(("seconds", time.perf_counter() - t0))
+  except Exception:                      # reported by the parent, with the worker's traceback
+    conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+  """One side of the comparison ("torch" or "ours") for one model, in a process of its own.
+
+  Each framework keeps its own heap: in one process, PyTorch's cached tensors fragment the
+  memory XLA maps afresh every step, and the kernel's compaction of huge pages then stalls our
+  steps (hundreds of ms of system time on alternate steps, measured), which no user running one
+  framework sees.  Calling the worker with "train" or "eval" runs that step there and returns
+  its seconds.  `native_conv`: ours with XLA's own convolutions (jaxmamba.nn.conv.ENABLED off)."""
+
+  def __init__(self, side: str, name: str, batch_size: int, image_size: int, threads: int,
+               native_conv: bool = False):
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked XLA threads
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_serve, daemon=True,
+                             args=(child, side, name, batch_size, image_size, threads,
+                                   native_conv))
+    self._proc.start()
+    self._what = f"{side} {name}"
+    self._receive("ready")
+
+  def _receive(self, expected: str):
+    try:
+      tag, value = self._conn.recv()
+    except EOFError:
+      raise RuntimeError(f"the {self._what} worker died (exit code {self._proc.exitcode})")
+    if tag == "error":
+      raise RuntimeError(f"the {self._what} worker failed:\n{value}")
+    assert tag == expected, (tag, expected)
+    return value
+
+  def __call__(self, kind: str) -> float:
+    self._conn.send(kind)
+    return self._receive("seconds")
+
+  def close(self):
+    if self._proc.is_alive():
+      self._conn.send(None)
+      self._proc.join(60)
+    if self._proc.is_alive():
+      self._proc.kill()
 
 
 def build(name: str):
@@ -48,8 +124,9 @@ def build(name: str):
   return model, model
 
 
-def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
-  """PyTorch train-step and eval images/s of `name` (float32, NCHW, random data)."""
+def step_fns(name: str, batch_size: int, image_size: int) -> dict:
+  """PyTorch train-step and eval callables of `name` (float32, NCHW, random data), keyed
+  "train" and "eval"; each sets the model's mode itself, so the two can take turns."""
   import torch
   model, logits_fn = build(name)
   x = torch.rand(batch_size, 3, image_size, image_size)
@@ -59,6 +136,7 @@ def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
   def train_step():
+    model.train()
     opt.zero_grad(set_to_none=True)
     p = torch.sigmoid(logits_fn(x))
     loss = 1 - (2 * (p * y).sum() + 100.0) / (p.sum() + y.sum() + 100.0)   # pooled Dice
@@ -66,14 +144,11 @@ def rates(name: str, batch_size: int, image_size: int, steps: int) -> dict:
     opt.step()
 
   def eval_step():
+    model.eval()
     with torch.no_grad():
       logits_fn(x)
 
-  model.train()
-  train_s = _median_s(train_step, steps)
-  model.eval()
-  eval_s = _median_s(eval_step, steps)
-  return {"train": batch_size / train_s, "eval": batch_size / eval_s}
+  return {"train": train_step, "eval": eval_step}
 
 
 def _ours(x, w, k, stride, pad, transpose, fast):
@@ -123,6 +198,7 @@ def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, 
     w = jnp.zeros((k, k, cin, cout), jnp.float32) + 0.01
     f = functools.partial(_ours, k=k, stride=stride, pad=pad, transpose=transpose, fast=fast)
     grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.square(f(a, b))), argnums=(0, 1)))
-    rows.append((what + ", fwd+bwd", _median_s(torch_step, steps) * 1e3,
-                 _median_s(lambda: jax.block_until_ready(grad(x, w)), steps) * 1e3))
+    t = interleaved_medians({"torch": torch_step,
+                             "ours": lambda: jax.block_until_ready(grad(x, w))}, steps)
+    rows.append((what + ", fwd+bwd", t["torch"] * 1e3, t["ours"] * 1e3))
   return rows

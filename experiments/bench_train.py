@@ -20,12 +20,13 @@ run; the ratio column is only meaningful on an H100 at the defaults.
 thread count (all cores), the PyTorch versions in `third_party/torch_models` and ours, with the
 same harness (float32, pooled Dice + Adam, BatchNorm over the whole batch; eval = forward in
 inference mode), and prints train and eval images/s side by side plus a convolution
-micro-benchmark (experiments/bench_torch.py; needs the test dependencies).
+micro-benchmark (experiments/bench_torch.py; needs the test dependencies).  Each side runs in
+a process of its own (its own heap, as for a user of either) and the two take turns step by
+step, so a machine that slows down for a minute slows both.
 """
 from __future__ import annotations
 
-import importlib
-import math
+import functools
 import sys
 import time
 
@@ -34,6 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.bench_ours import authors_harness, step_fns
 from experiments.configs import base
 from jaxmamba import huge_pages
 
@@ -58,68 +60,20 @@ AUTHORS_H100 = {"unet": (545, 1415), "resnet18_seg": (3086, 4922),
                 "resnet50_seg": (1203, 2335), "segformer": (539, 308)}
 
 
-def bench(config, steps: int, eval_too: bool = False) -> dict:
-  from jaxmamba import data
-  from jaxmamba.train import recipe, trainer
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.dir = ""
-    config.synthetic_run.enabled = False
-    config.data.split = "patient"
-    # Just enough synthetic slices for one training batch (patient split keeps ~80% for train).
-    config.data.synthetic.num_patients = 10
-    config.data.synthetic.slices_per_patient = max(2, math.ceil(config.batch_size / 8) + 1)
-  config = recipe.resolve_config(config)
-  setup = trainer._Setup(config, workdir=None)
-  batch = next(iter(data.batches(setup.splits.train, config.batch_size, shuffle=False,
-                                 sharding=setup.batch_sharding)))
-  state = setup.state
+def bench(config, steps: int) -> dict:
+  """Compile time, median seconds per train step and images/s of `config`'s train step."""
+  facts, fns = step_fns(config)
   t0 = time.perf_counter()
-  state, stats = setup.train_step(state, batch)
-  jax.block_until_ready(stats)
+  fns["train"]()
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, stats = setup.train_step(state, batch)
-    jax.block_until_ready(stats)
+    fns["train"]()
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  result = {"model": config.model, "devices": setup.num_devices,
-          "platform": setup.devices[0].platform, "dtype": config.dtype,
-          "batch_size": config.batch_size, "image_size": setup.train_size,
-          "compile_s": compile_s, "step_s": step_s, "images_per_s": config.batch_size / step_s,
-          "loss": float(stats["loss"])}
-  if eval_too:
-    result["eval_images_per_s"] = config.batch_size / _eval_step_s(setup, state, batch, steps)
-  return result
-
-
-def _eval_step_s(setup, state, batch, steps: int) -> float:
-  """Median seconds of one inference-mode forward pass of `batch`."""
-  variables = {k: state[k] for k in ("params", "batch_stats") if k in state}
-  from jaxmamba import data
-  forward = jax.jit(lambda v, x: setup.model.apply(v, x, train=False))
-  images, _ = data.to_float(batch)
-  jax.block_until_ready(forward(variables, images))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(forward(variables, images))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def authors_harness(name: str, dtype: str, batch_size: int, image_size: int):
-  """`name`'s config set to the authors' timing harness (not their per-model training recipe)."""
-  config = importlib.import_module(f"experiments.configs.{name}").get_config()
-  config.batch_size = batch_size
-  config.dtype = dtype
-  config.loss, config.optimizer, config.weight_decay = "dice_pooled", "adam", 0.0
-  config.train_image_size = 0          # SegFormer too: the rates were taken at 256x256
-  config.bn_chunks = 1                 # one GPU, no DataParallel
-  config.data.synthetic.image_size = image_size
-  return config
+  return dict(facts, compile_s=compile_s, step_s=step_s,
+              images_per_s=facts["batch_size"] / step_s, loss=facts["loss"]())
 
 
 def compare_authors(steps: int, batch_size: int, image_size: int, models=()) -> str:
@@ -161,12 +115,21 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
   lines = ["| model | PyTorch train img/s | ours | ours / PyTorch | PyTorch eval img/s | ours "
            "| ours / PyTorch |", "|---|---:|---:|---:|---:|---:|---:|"]
   for name in models or TORCH_MODELS:
-    theirs = bench_torch.rates(name, batch_size, image_size, steps)
-    ours = bench(authors_harness(name, "float32", batch_size, image_size), steps, eval_too=True)
-    lines.append(f"| {name} | {theirs['train']:.2f} | {ours['images_per_s']:.2f} | "
-                 f"{ours['images_per_s'] / theirs['train']:.2f} | {theirs['eval']:.2f} | "
-                 f"{ours['eval_images_per_s']:.2f} | "
-                 f"{ours['eval_images_per_s'] / theirs['eval']:.2f} |")
+    workers = [bench_torch.Worker(side, name, batch_size, image_size, threads,
+                                  native_conv=not conv_lib.ENABLED) for side in ("torch", "ours")]
+    try:
+      fns = {(side, kind): functools.partial(worker, kind)
+             for side, worker in zip(("torch", "ours"), workers) for kind in ("train", "eval")}
+      seconds = bench_torch.interleaved_medians(fns, steps)
+    finally:
+      for worker in workers:
+        worker.close()
+    rate = {key: batch_size / s for key, s in seconds.items()}
+    cells = []
+    for kind in ("train", "eval"):
+      t, o = rate["torch", kind], rate["ours", kind]
+      cells += [f"{t:.2f}", f"{o:.2f}", f"{o / t:.2f}"]
+    lines.append(f"| {name} | {' | '.join(cells)} |")
     print(lines[-1], flush=True)
   lines += ["", "| convolution micro-benchmark | PyTorch ms | ours ms | PyTorch / ours |",
             "|---|---:|---:|---:|"]
@@ -180,7 +143,9 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
                f"jaxmamba.huge_pages); batch {batch_size}, "
                f"{image_size}x{image_size}, float32, {threads} threads (torch {torch.__version__}, "
                f"jax {jax.__version__} on {jax.devices()[0].platform}); median of {steps} steps "
-               f"after a warm-up one; load average at the end {os.getloadavg()[0]:.1f}.")
+               f"after a warm-up one, PyTorch's and ours taking turns step by step (the models "
+               f"each in a process of its own, the convolutions in this one); load average at the "
+               f"end {os.getloadavg()[0]:.1f}.")
   return "\n".join(lines)
 
 

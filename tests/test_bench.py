@@ -128,3 +128,18 @@ def test_bench_train_compare_torch_cli(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compare_torch",
                         "--models=vgg"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "unknown model(s) ['vgg']" in bad.stderr
+
+
+def test_compare_worker_reports_its_failure_and_times_its_steps():
+  """The comparison's sides run in processes of their own: a failure there reaches the caller
+  with the worker's traceback; a working one returns each step's own seconds."""
+  pytest.importorskip("torch")
+  from experiments import bench_torch
+  with pytest.raises(RuntimeError, match="no PyTorch model for 'vgg'"):
+    bench_torch.Worker("torch", "vgg", 1, 32, 1)
+  worker = bench_torch.Worker("torch", "ulvmunet", 1, 32, 1)
+  try:
+    seconds = bench_torch.interleaved_medians({"train": lambda: worker("train")}, 2)
+  finally:
+    worker.close()
+  assert 0 < seconds["train"] < 60
