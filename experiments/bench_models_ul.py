@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxmamba import huge_pages, timing
+from jaxmamba import host_memory, timing
 from jaxmamba.models import registry
 
 UL_MODELS = [n for n in registry.names() if registry.entry(n).family == "ultralight"]
@@ -58,5 +58,5 @@ def main():
 
 
 if __name__ == "__main__":
-  huge_pages.reexec()
+  host_memory.reexec()
   main()

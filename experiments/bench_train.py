@@ -37,7 +37,7 @@ from ml_collections import config_flags
 
 from experiments.bench_ours import authors_harness, step_fns
 from experiments.configs import base
-from jaxmamba import huge_pages
+from jaxmamba import host_memory
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config name or path", lock_config=True)
@@ -139,8 +139,8 @@ def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> st
   convs = ("ours with XLA's native convolutions" if not conv_lib.ENABLED
            else "ours with jaxmamba.nn.conv's CPU paths")
   lines.append(f"\n{convs}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-               f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both PyTorch and ours, "
-               f"jaxmamba.huge_pages); batch {batch_size}, "
+               f"{host_memory.describe()} (PyTorch's and ours, jaxmamba.host_memory); "
+               f"batch {batch_size}, "
                f"{image_size}x{image_size}, float32, {threads} threads (torch {torch.__version__}, "
                f"jax {jax.__version__} on {jax.devices()[0].platform}); median of {steps} steps "
                f"after a warm-up one, PyTorch's and ours taking turns step by step (the models "
@@ -176,7 +176,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  huge_pages.reexec()
+  host_memory.reexec()
   try:
     argv, _ = base.resolve_argv(sys.argv)
   except ValueError as e:

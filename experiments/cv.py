@@ -25,7 +25,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import run as run_cli
-from jaxmamba import huge_pages
+from jaxmamba import host_memory
 from jaxmamba.errors import ConfigError
 from jaxmamba.train import crossval
 
@@ -57,5 +57,5 @@ def main(argv, name, config_arg=""):
 
 
 if __name__ == "__main__":
-  huge_pages.reexec()
+  host_memory.reexec()
   run_cli.run(entry=main)

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from jaxmamba import huge_pages
+from jaxmamba import host_memory
 
 IMAGE_SIZE = (256, 256)
 _EXTENSIONS = (".tif", ".tiff", ".png")
@@ -187,5 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  huge_pages.reexec()
+  host_memory.reexec()
   sys.exit(main())

@@ -40,7 +40,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from experiments.configs import base
-from jaxmamba import huge_pages
+from jaxmamba import host_memory
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -102,5 +102,5 @@ def run(argv=None, entry=None):
 
 
 if __name__ == "__main__":
-  huge_pages.reexec()
+  host_memory.reexec()
   run()
