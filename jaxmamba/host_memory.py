@@ -65,6 +65,17 @@ def find_tcmalloc() -> str | None:
   return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
+def huge_pages_unavailable() -> str | None:
+  """Why glibc's transparent huge pages can't be had here (None: they can)."""
+  version = glibc_version()
+  if version is None or version < (2, 35):
+    return "huge pages need glibc >= 2.35"
+  mode = thp_mode()
+  if mode in (None, "never"):
+    return f"the kernel's transparent huge pages are {mode or 'unavailable'}"
+  return None
+
+
 def plan(environ=None) -> tuple[dict, str]:
   """(environment variables to set, why): empty where `reexec()` would leave the process alone."""
   environ = os.environ if environ is None else environ
@@ -80,15 +91,12 @@ def plan(environ=None) -> tuple[dict, str]:
   tcmalloc = find_tcmalloc()
   if tcmalloc:
     return {"LD_PRELOAD": f"{preload}:{tcmalloc}" if preload else tcmalloc}, f"{tcmalloc} found"
-  version = glibc_version()
-  if version is None or version < (2, 35):
-    return {}, "no tcmalloc, and huge pages need glibc >= 2.35"
-  mode = thp_mode()
-  if mode in (None, "never"):
-    return {}, f"no tcmalloc, and the kernel's transparent huge pages are {mode or 'unavailable'}"
+  unavailable = huge_pages_unavailable()
+  if unavailable:
+    return {}, f"no tcmalloc, and {unavailable}"
   tunables = environ.get("GLIBC_TUNABLES", "")
   return ({"GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE},
-          f"no tcmalloc; transparent huge pages are {mode}")
+          f"no tcmalloc; transparent huge pages are {thp_mode()}")
 
 
 def describe(environ=None) -> str:

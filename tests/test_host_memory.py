@@ -108,8 +108,7 @@ def _candidates():
   found = []
   if sys.platform.startswith("linux") and host_memory.find_tcmalloc():
     found.append({"LD_PRELOAD": host_memory.find_tcmalloc()})
-  version = host_memory.glibc_version()
-  if version and version >= (2, 35) and host_memory.thp_mode() not in (None, "never"):
+  if host_memory.huge_pages_unavailable() is None:
     found.append({"GLIBC_TUNABLES": host_memory.TUNABLE})
   return found
 
