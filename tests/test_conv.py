@@ -1,4 +1,7 @@
 """jaxmamba.nn.conv: the matrix-product ConvTranspose equals XLA's dilated conv, with grads."""
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +99,60 @@ def test_conv_transpose_phases_rejects_an_empty_output_and_a_rectangular_kernel(
     fast_conv.conv_transpose_phases(x, jnp.zeros((2, 2, 2, 1)), 2, 1)
   with pytest.raises(ValueError, match="square kernel"):
     fast_conv.conv_transpose_phases(x, jnp.zeros((2, 3, 2, 1)), 2, 0)
+
+
+def _bn_relu_conv(conv_cls):
+  """A BatchNorm-like affine map and ReLU before a 3x3 conv: the pattern of UNet and ResNet."""
+  layer = conv_cls(6, (3, 3), padding=[(1, 1)] * 2)
+
+  def loss(v, x, s):
+    return jnp.sum(jnp.sin(layer.apply(v, jnp.maximum(x * s + s, 0))))
+  return layer, loss
+
+
+def test_conv_values_and_gradients_equal_nn_conv_exactly():
+  """fast_conv.Conv has nn.Conv's parameters and, being an exact identity around it, its values
+  and gradients bit for bit (x / (1 + 0 * x) == x for every finite x)."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 5)), jnp.float32)
+  s = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  results = []
+  for cls in (fast_conv.Conv, nn.Conv):
+    layer, loss = _bn_relu_conv(cls)
+    v = layer.init(jax.random.PRNGKey(0), x)
+    results.append((v, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(v, x, s)))
+  (v_fast, got), (v_ref, want) = results
+  assert jax.tree.structure(v_fast) == jax.tree.structure(v_ref)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _transposing_fusions(hlo: str, shape: str) -> list[str]:
+  """Bodies of the fused computations of `hlo` that write a transposed array of `shape`."""
+  bodies = re.findall(r"\n(%fused\S* \([^\n]*\) -> " + re.escape(shape) + r" \{\n.*?\n\})",
+                      hlo, re.S)
+  return [b for b in bodies if " transpose(" in b]
+
+
+def test_conv_gradient_reads_the_materialized_activation(monkeypatch):
+  """The weight gradient's (C, H, W, N) copy of the activation: with nn.Conv XLA:CPU recomputes
+  the affine map and ReLU inside it; with fast_conv.Conv it copies the stored activation."""
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 32, 32, 8)), jnp.float32)
+  s = jnp.ones(8)
+  copies = {}
+  for enabled in (False, True):
+    monkeypatch.setattr(fast_conv, "ENABLED", enabled)
+    layer, loss = _bn_relu_conv(fast_conv.Conv)
+    v = layer.init(jax.random.PRNGKey(0), x)
+    # s stands for BatchNorm's parameters: the activation is differentiated, as in a network
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(v, x, s).compile().as_text()
+    copies[enabled] = _transposing_fusions(hlo, "f32[8,32,32,2]")
+  assert copies[False] and all("maximum(" in b for b in copies[False])
+  assert copies[True] and not any("maximum(" in b or "multiply(" in b for b in copies[True])
+
+
+def test_conv_inference_computes_no_division():
+  layer = fast_conv.Conv(4, (3, 3))
+  x = jnp.ones((1, 5, 5, 3))
+  v = layer.init(jax.random.PRNGKey(0), x)
+  assert "div" not in str(jax.make_jaxpr(layer.apply)(v, x))

@@ -19,12 +19,24 @@ products for the weight gradient (slower still), and XLA's CPU options `--xla_cp
 and `--xla_cpu_use_xnnpack` (forward convolutions 2-3x, the transposed convolution's gradient
 4-5x slower).
 
+Ordinary convolutions do get one thing on the CPU (`Conv`): their operands are materialized for
+the gradient.  XLA:CPU's weight gradient reads the activation as (C, H, W, N) and the cotangent as
+(H, W, N, C), and XLA fuses those transposing copies with the elementwise layers before them
+(BatchNorm, ReLU, ResNet's residual additions, up to 35 inputs in ResNet50-seg), recomputed in
+transposed order: 21 ms instead of ~7 ms for a 4x256x256x32 copy in UNet.  An exact identity
+that XLA counts as expensive, x / (1 + 0 * x), is one it will not duplicate into a second
+consumer, so the copies read the array the forward pass already wrote.  Only differentiated
+values pass through it (a network's input does not), and inference does not run it.
+Interleaved train steps, batch 4, 256 px, without -> with: ResNet50-seg 1221 -> 908 ms,
+ResNet18-seg 343 -> 313, UNet 1429 -> 1386, SegFormer 801 -> 768, UMambaBot-PP 2191 -> 2161.
+
 `use_fast_cpu_path()` decides once, at trace time: on a GPU the native (cuDNN) path stays.
 """
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +51,40 @@ ENABLED = True
 def use_fast_cpu_path() -> bool:
   """The matrix-product ConvTransposes help XLA's CPU backend; decided at trace time."""
   return ENABLED and jax.default_backend() == "cpu"
+
+
+def _unfusible_identity(x):
+  """x, exactly for finite x (a non-finite one becomes NaN, where the loss is not finite either),
+  computed with a division XLA will not recompute inside a later fusion."""
+  return x / (1 + 0 * x)
+
+
+@jax.custom_vjp
+def materialize_input(x):
+  """Identity; under differentiation the value is materialized once (see the module note)."""
+  return x
+
+
+materialize_input.defvjp(lambda x: (_unfusible_identity(x), None), lambda _, g: (g,))
+
+
+@jax.custom_vjp
+def materialize_cotangent(y):
+  """Identity whose cotangent is materialized once before the convolution's gradient reads it."""
+  return y
+
+
+materialize_cotangent.defvjp(lambda y: (y, None), lambda _, g: (_unfusible_identity(g),))
+
+
+class Conv(nn.Conv):
+  """nn.Conv (same parameters and names) whose gradient reads its input and output cotangent as
+  materialized arrays on XLA's CPU backend; elsewhere exactly nn.Conv."""
+
+  def __call__(self, inputs):
+    if not use_fast_cpu_path():
+      return super().__call__(inputs)
+    return materialize_cotangent(super().__call__(materialize_input(inputs)))
 
 
 def _blocked_xt_y(a, b):
