@@ -53,7 +53,7 @@ def use_fast_cpu_path() -> bool:
   return ENABLED and jax.default_backend() == "cpu"
 
 
-def _unfusible_identity(x):
+def materialized(x):
   """x, exactly for finite x (a non-finite one becomes NaN, where the loss is not finite either),
   computed with a division XLA will not recompute inside a later fusion."""
   return x / (1 + 0 * x)
@@ -65,7 +65,7 @@ def materialize_input(x):
   return x
 
 
-materialize_input.defvjp(lambda x: (_unfusible_identity(x), None), lambda _, g: (g,))
+materialize_input.defvjp(lambda x: (materialized(x), None), lambda _, g: (g,))
 
 
 @jax.custom_vjp
@@ -74,7 +74,7 @@ def materialize_cotangent(y):
   return y
 
 
-materialize_cotangent.defvjp(lambda y: (y, None), lambda _, g: (_unfusible_identity(g),))
+materialize_cotangent.defvjp(lambda y: (y, None), lambda _, g: (materialized(g),))
 
 
 class Conv(nn.Conv):

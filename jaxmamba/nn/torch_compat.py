@@ -296,11 +296,13 @@ def max_pool2d(x, kernel: int, stride: int | None = None, padding: int = 0):
   in row-major order takes the gradient, as in torch; a NaN wins its window.
 
   Written as a running select over the k*k strided taps, which also keeps the winning tap's
-  index: the gradient puts each output's cotangent on that tap, one padded strided write per
-  tap, all of it elementwise work XLA fuses.  `nn.max_pool`'s gradient lowers on the CPU to a
-  variadic reduce-window over index arrays and a scatter (~10% of UNet's train step); autodiff
-  of the select chain unwound it tap by tap through every later select (ResNet-Seg's 3x3
-  stride-2 pool: 19 ms of a 345 ms train step, against ~3 ms with the index).
+  index (stored: XLA would otherwise recompute the chain, and the layers before it, inside the
+  gradient).  The gradient puts each output's cotangent on that tap: where windows tile the input
+  (2x2 stride 2) one select per pixel, else one padded strided write per tap.  `nn.max_pool`'s
+  gradient lowers on the CPU to a variadic reduce-window over index arrays and a scatter (~10%
+  of UNet's train step); autodiff of the select chain unwound it tap by tap through every later
+  select (ResNet-Seg's 3x3 stride-2 pool with its ReLU's gradient: 19 -> 7.5 ms of a ~345 ms
+  train step).
   """
   stride = stride or kernel
   n, h, w, c = x.shape
@@ -332,19 +334,28 @@ def _max_pool_fwd(x, kernel, stride, padding):
   for t, rows, cols in _max_pool_taps(kernel, stride, padding, x.shape[1:3]):
     tap = xp[:, rows, cols]
     if best is None:
-      best, index = tap, jnp.zeros(tap.shape, jnp.int8 if kernel * kernel < 128 else jnp.int32)
+      best, index = tap, jnp.zeros(tap.shape, jnp.float32)
     else:
       take = (tap > best) | jnp.isnan(tap)
-      best, index = jnp.where(take, tap, best), jnp.where(take, t, index)
-  # x itself is not needed, only its shape: a zero-size slice of it carries that
-  return best, (index, x[:, :, :, :0])
+      best, index = jnp.where(take, tap, best), jnp.where(take, jnp.float32(t), index)
+  # Stored, not recomputed: XLA would otherwise fuse the whole select chain (and the layers
+  # before it) into the gradient, once per tap.  x itself is not needed, only its shape: a
+  # zero-size slice of it carries that.
+  return best, (fast_conv.materialized(index), x[:, :, :, :0])
 
 
 def _max_pool_bwd(kernel, stride, padding, res, g):
   index, like = res
-  n, h, w, _ = like.shape
-  hp, wp = h + 2 * padding, w + 2 * padding
+  n, oh, ow, c = g.shape
+  h, w = like.shape[1:3]
   zero = jnp.zeros((), g.dtype)
+  if kernel == stride and not padding:
+    # windows tile the input: one select per input pixel, then the rows/columns floor mode left
+    taps = jnp.arange(kernel * kernel, dtype=jnp.float32).reshape(1, 1, kernel, 1, kernel, 1)
+    dx = jnp.where(index[:, :, None, :, None] == taps, g[:, :, None, :, None], zero)
+    dx = dx.reshape(n, oh * kernel, ow * kernel, c)
+    return (jnp.pad(dx, ((0, 0), (0, h - oh * kernel), (0, w - ow * kernel), (0, 0))),)
+  hp, wp = h + 2 * padding, w + 2 * padding
   dxp = None
   # last tap first: a pixel then sums its windows' cotangents in row-major window order, as torch
   for t, rows, cols in reversed(list(_max_pool_taps(kernel, stride, padding, (h, w)))):
