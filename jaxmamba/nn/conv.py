@@ -130,8 +130,9 @@ def _convt_bwd(res, ct):
   kh, kw, cin, cout = kernel.shape
   n, h, wd, _ = x.shape
   # ct (n, h*kh, wd*kw, o) -> rows (n*h*wd, kh*kw*o): each input pixel's patch
-  patches = ct.reshape(n, h, kh, wd, kw, cout).transpose(0, 1, 3, 2, 4, 5).reshape(
-      n * h * wd, kh * kw * cout)
+  # materialized: both products read it, and XLA would otherwise make the copy twice
+  patches = materialized(ct.reshape(n, h, kh, wd, kw, cout).transpose(0, 1, 3, 2, 4, 5).reshape(
+      n * h * wd, kh * kw * cout))
   w_rows = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin, kh * kw * cout)
   dx = jnp.dot(patches, w_rows.T).reshape(x.shape)
   dw = _blocked_xt_y(x.reshape(n * h * wd, cin), patches)
