@@ -106,7 +106,7 @@ def _pixel_shuffle_matmul(x, kernel):
 
   One product per kernel row, stacked between the image rows: output rows are then whole
   rows of products, where one product with all taps needed a transposing copy (UNet's upconv1,
-  4x128x128x64 -> 32: 15 -> 9 ms).  The backward keeps the single product: per-row products
+  4x128x128x64 -> 32: 15.8 -> 6.6 ms).  The backward keeps the single product: per-row products
   over slices of the cotangent measured slower there (10-15 -> 18-27 ms)."""
   n, h, wd, c = x.shape
   kh, kw, _, o = kernel.shape

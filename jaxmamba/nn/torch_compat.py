@@ -82,10 +82,11 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, groups
                          split_multiplier=split_multiplier)
   if split_multiplier:
     raise ValueError("conv2d: split_multiplier is an output layout of depthwise convolutions")
-  return fast_conv.Conv(features, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
-                 kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
-                 kernel_init=kernel_init or torch_kernel_init(),
-                 bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
+  return fast_conv.Conv(features, (kernel, kernel), strides=stride,
+                        padding=[(padding, padding)] * 2, kernel_dilation=dilation,
+                        feature_group_count=groups, use_bias=bias,
+                        kernel_init=kernel_init or torch_kernel_init(),
+                        bias_init=bias_init or nn.initializers.zeros, dtype=dtype, name=name)
 
 
 class PatchConv(nn.Module):
