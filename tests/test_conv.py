@@ -127,6 +127,41 @@ def test_conv_values_and_gradients_equal_nn_conv_exactly():
     np.testing.assert_array_equal(a, b)
 
 
+# torch Conv2d settings of the 13 models (kernel, stride, padding, dilation, groups: ResNet's 7x7
+# stem and 1x1 stride-2 shortcut, UNet's and ResNet's 3x3, a dilated and a grouped one) and
+# random ones, among them asymmetric padding and a kernel wider than the padded input is tall
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,shape", [
+    ((3, 3), 1, [(1, 1)] * 2, 1, 1, (2, 9, 7, 5)),
+    ((3, 3), 2, [(1, 1)] * 2, 1, 1, (2, 9, 8, 5)),
+    ((7, 7), 2, [(3, 3)] * 2, 1, 1, (2, 13, 11, 3)),
+    ((1, 1), 2, [(0, 0)] * 2, 1, 1, (2, 8, 8, 4)),
+    ((3, 3), 1, [(2, 2)] * 2, 2, 1, (1, 10, 9, 4)),
+    ((3, 3), 1, [(1, 1)] * 2, 1, 2, (2, 6, 6, 4)),
+    ((2, 4), 3, [(0, 2), (1, 3)], 1, 1, (3, 7, 10, 2)),
+    ((5, 1), 1, [(4, 0), (0, 1)], (1, 2), 1, (1, 5, 6, 3)),
+])
+def test_conv_equals_nn_conv_for_every_padding_stride_dilation(kernel, stride, padding, dilation,
+                                                             groups, shape):
+  """fast_conv.Conv (materialized input, padded beforehand where the convolution pads) against
+  nn.Conv (lax.conv_general_dilated): outputs, and gradients of input, kernel and bias."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  s = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  results = []
+  for cls in (fast_conv.Conv, nn.Conv):
+    layer = cls(4, kernel, strides=stride, padding=padding, kernel_dilation=dilation,
+                feature_group_count=groups)
+    v = layer.init(jax.random.PRNGKey(0), x)
+
+    def loss(v, x, s):
+      y = layer.apply(v, jnp.maximum(x * s + s, 0))
+      return jnp.sum(jnp.sin(y)), y
+    results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(v, x, s))
+  (got, want) = results
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _transposing_fusions(hlo: str, shape: str) -> list[str]:
   """Bodies of the fused computations of `hlo` that write a transposed array of `shape`."""
   bodies = re.findall(r"\n(%fused\S* \([^\n]*\) -> " + re.escape(shape) + r" \{\n.*?\n\})",
@@ -136,19 +171,25 @@ def _transposing_fusions(hlo: str, shape: str) -> list[str]:
 
 def test_conv_gradient_reads_the_materialized_activation(monkeypatch):
   """The weight gradient's (C, H, W, N) copy of the activation: with nn.Conv XLA:CPU recomputes
-  the affine map and ReLU inside it; with fast_conv.Conv it copies the stored activation."""
+  the affine map and ReLU inside it; with fast_conv.Conv it copies the stored activation, padded
+  by the forward pass (a pure transpose of a 34x34 array), and the forward convolution reads
+  that padded array without padding of its own."""
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 32, 32, 8)), jnp.float32)
   s = jnp.ones(8)
-  copies = {}
+  copies, hlos = {}, {}
   for enabled in (False, True):
     monkeypatch.setattr(fast_conv, "ENABLED", enabled)
     layer, loss = _bn_relu_conv(fast_conv.Conv)
     v = layer.init(jax.random.PRNGKey(0), x)
     # s stands for BatchNorm's parameters: the activation is differentiated, as in a network
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(v, x, s).compile().as_text()
-    copies[enabled] = _transposing_fusions(hlo, "f32[8,32,32,2]")
+    hlos[enabled] = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(v, x, s).compile().as_text()
+    copies[enabled] = _transposing_fusions(hlos[enabled],
+                                           "f32[8,34,34,2]" if enabled else "f32[8,32,32,2]")
   assert copies[False] and all("maximum(" in b for b in copies[False])
-  assert copies[True] and not any("maximum(" in b or "multiply(" in b for b in copies[True])
+  assert copies[True] and not any(op in b for b in copies[True]
+                                  for op in ("maximum(", "multiply(", "pad("))
+  forward = re.findall(r"convolution\(%\S+, %v\S*kernel\S*\), window=\{([^}]*)\}", hlos[True])
+  assert forward == ["size=3x3"]
 
 
 def test_conv_inference_computes_no_division():
