@@ -155,9 +155,7 @@ def _padded_input_conv_bwd(strides, padding, rhs_dilation, dn, groups, precision
   conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
                            rhs_dilation=rhs_dilation, dimension_numbers=dn,
                            feature_group_count=groups, precision=precision)
-  x_shape = list(x_padded.shape)
-  for axis, (lo, hi) in zip(dn.lhs_spec[2:], padding):
-    x_shape[axis] -= lo + hi
+  x_shape = [d - lo - hi for d, (lo, hi) in zip(x_padded.shape, _pad_widths(x_padded, padding, dn))]
   x_aval = jax.ShapeDtypeStruct(tuple(x_shape), x_padded.dtype)
   dx, = jax.linear_transpose(lambda x: conv(x, kernel, padding=padding), x_aval)(ct)
   dkernel = jax.vjp(lambda k: conv(x_padded, k, padding="VALID"), kernel)[1](ct)[0]
