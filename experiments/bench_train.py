@@ -5,6 +5,7 @@
   python -m experiments.bench_train --config=ulvmunet --config.batch_size=16 --steps=20
   python -m experiments.bench_train --compare_authors [--out=FILE.md]
   python -m experiments.bench_train --compare_torch [--models=unet,umambabot_pp] [--out=FILE.md]
+  python -m experiments.bench_train --compare_torch --models=unet --repeats=5
 
 Uses the config's recipe (batch size, image size 256 or --config.data.synthetic.image_size,
 dtype, scan_impl) on every visible device, but not its synthetic_run shrink and no real data;
@@ -22,7 +23,10 @@ same harness (float32, pooled Dice + Adam, BatchNorm over the whole batch; eval 
 inference mode), and prints train and eval images/s side by side plus a convolution
 micro-benchmark (experiments/bench_torch.py; needs the test dependencies).  Each side runs in
 a process of its own (its own heap, as for a user of either) and the two take turns step by
-step, so a machine that slows down for a minute slows both.
+step, so a machine that slows down for a minute slows both.  `--repeats=N` runs each model's
+comparison N times, each in fresh processes, and lists every run's ratios under the table: on a
+shared 2-core machine one run's ratio moves by ~5-10% from run to run (kernels/NOTES.md), more
+than between the steps of one run, so a single run cannot tell 0.97x from 1.03x.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ flags.DEFINE_integer("batch_size", None, "with --compare_*: batch (default 64 au
 flags.DEFINE_integer("image_size", 256, "with --compare_*: the image size")
 flags.DEFINE_string("out", "", "with --compare_*: also write the table to this file")
 flags.DEFINE_list("models", [], "with --compare_*: a subset of the models")
+flags.DEFINE_integer("repeats", 1, "with --compare_torch: runs of each model's comparison, each "
+                     "in fresh processes; the table gives their median and every run's ratios")
 
 # --compare_torch's default models: the CNNs, the main job's model and two UltraLights.
 TORCH_MODELS = ("unet", "resnet18_seg", "segformer", "umambabot_pp", "ulvmunet", "ulvmunet_v5")
@@ -98,65 +104,97 @@ def compare_authors(steps: int, batch_size: int, image_size: int, models=()) -> 
   return "\n".join(lines)
 
 
-def compare_torch(steps: int, batch_size: int, image_size: int, models=()) -> str:
-  """Markdown table: PyTorch and our train/eval images/s per model, then the conv rows."""
+def compare_torch(steps: int, batch_size: int, image_size: int, models=(),
+                  repeats: int = 1) -> str:
+  """Markdown table: PyTorch and our train/eval images/s and their ratio per model (medians over
+  `repeats` runs), then each run's ratios (when repeats > 1), then the conv rows."""
   import os
 
   from jaxmamba.models import registry
   unknown = set(models) - set(registry.names())
   if unknown:
     raise ValueError(f"unknown model(s) {sorted(unknown)}; known: {', '.join(registry.names())}")
+  if repeats < 1:
+    raise ValueError(f"--repeats must be at least 1, got {repeats}")
   import torch
 
-  from experiments import bench_torch
   from jaxmamba.nn import conv as conv_lib
   threads = os.cpu_count()
   torch.set_num_threads(threads)
   lines = ["| model | PyTorch train img/s | ours | ours / PyTorch | PyTorch eval img/s | ours "
            "| ours / PyTorch |", "|---|---:|---:|---:|---:|---:|---:|"]
+  by_run = ["", "| model | train ours / PyTorch, each run | eval ours / PyTorch, each run |",
+            "|---|---|---|"]
   for name in models or TORCH_MODELS:
-    workers = [bench_torch.Worker(side, name, batch_size, image_size, threads,
-                                  native_conv=not conv_lib.ENABLED) for side in ("torch", "ours")]
-    try:
-      fns = {(side, kind): functools.partial(worker, kind)
-             for side, worker in zip(("torch", "ours"), workers) for kind in ("train", "eval")}
-      seconds = bench_torch.interleaved_medians(fns, steps)
-    finally:
-      for worker in workers:
-        worker.close()
-    rate = {key: batch_size / s for key, s in seconds.items()}
+    runs = []
+    for i in range(repeats):
+      runs.append(_torch_and_ours_rates(name, steps, batch_size, image_size, threads,
+                                        native_conv=not conv_lib.ENABLED))
+      if repeats > 1:
+        print(f"{name} run {i + 1}/{repeats}: " + ", ".join(
+            f"{kind} {runs[-1]['ours', kind] / runs[-1]['torch', kind]:.2f}"
+            for kind in ("train", "eval")), flush=True)
+    rate = {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
     cells = []
     for kind in ("train", "eval"):
-      t, o = rate["torch", kind], rate["ours", kind]
-      cells += [f"{t:.2f}", f"{o:.2f}", f"{o / t:.2f}"]
+      # the median of the runs' own ratios (each from steps that took turns); for one run, the
+      # ratio of the two rates printed beside it
+      ratio = np.median([run["ours", kind] / run["torch", kind] for run in runs])
+      cells += [f"{rate['torch', kind]:.2f}", f"{rate['ours', kind]:.2f}", f"{ratio:.2f}"]
     lines.append(f"| {name} | {' | '.join(cells)} |")
     print(lines[-1], flush=True)
+    by_run.append(f"| {name} | " + " | ".join(
+        ", ".join(f"{run['ours', kind] / run['torch', kind]:.2f}" for run in runs)
+        for kind in ("train", "eval")) + " |")
+  if repeats > 1:
+    lines += by_run
   lines += ["", "| convolution micro-benchmark | PyTorch ms | ours ms | PyTorch / ours |",
             "|---|---:|---:|---:|"]
+  from experiments import bench_torch
   for what, t_ms, o_ms in bench_torch.conv_micro(batch_size, image_size, steps):
     lines.append(f"| {what} | {t_ms:.0f} | {o_ms:.0f} | {t_ms / o_ms:.2f} |")
     print(lines[-1], flush=True)
   convs = ("ours with XLA's native convolutions" if not conv_lib.ENABLED
            else "ours with jaxmamba.nn.conv's CPU paths")
+  runs_note = (f"; each model compared in {repeats} runs of fresh processes, its rates and "
+               f"ratios the medians over the runs" if repeats > 1 else "")
   lines.append(f"\n{convs}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
                f"{host_memory.describe()} (PyTorch's and ours, jaxmamba.host_memory); "
                f"batch {batch_size}, "
                f"{image_size}x{image_size}, float32, {threads} threads (torch {torch.__version__}, "
                f"jax {jax.__version__} on {jax.devices()[0].platform}); median of {steps} steps "
                f"after a warm-up one, PyTorch's and ours taking turns step by step (the models "
-               f"each in a process of its own, the convolutions in this one); load average at the "
-               f"end {os.getloadavg()[0]:.1f}.")
+               f"each in a process of its own, the convolutions in this one){runs_note}; load "
+               f"average at the end {os.getloadavg()[0]:.1f}.")
   return "\n".join(lines)
+
+
+def _torch_and_ours_rates(name: str, steps: int, batch_size: int, image_size: int, threads: int,
+                          native_conv: bool) -> dict:
+  """{(side, kind): images/s} of one interleaved run, each side in a fresh worker process."""
+  from experiments import bench_torch
+  workers = [bench_torch.Worker(side, name, batch_size, image_size, threads,
+                                native_conv=native_conv) for side in ("torch", "ours")]
+  try:
+    fns = {(side, kind): functools.partial(worker, kind)
+           for side, worker in zip(("torch", "ours"), workers) for kind in ("train", "eval")}
+    seconds = bench_torch.interleaved_medians(fns, steps)
+  finally:
+    for worker in workers:
+      worker.close()
+  return {key: batch_size / s for key, s in seconds.items()}
 
 
 def main(argv):
   del argv
+  if FLAGS.repeats != 1 and not FLAGS.compare_torch:
+    sys.exit("error: --repeats is for --compare_torch")
   if FLAGS.native_conv:
     from jaxmamba.nn import conv
     conv.ENABLED = False
   if FLAGS.compare_torch or FLAGS.compare_authors:
-    compare, default_batch = ((compare_torch, 4) if FLAGS.compare_torch else
-                              (compare_authors, 64))
+    compare, default_batch = ((functools.partial(compare_torch, repeats=FLAGS.repeats), 4)
+                              if FLAGS.compare_torch else (compare_authors, 64))
     try:
       table = compare(FLAGS.steps, FLAGS.batch_size or default_batch, FLAGS.image_size,
                       FLAGS.models)

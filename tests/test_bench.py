@@ -130,6 +130,35 @@ def test_bench_train_compare_torch_cli(tmp_path):
   assert bad.returncode != 0 and "unknown model(s) ['vgg']" in bad.stderr
 
 
+def test_bench_train_compare_torch_repeats_lists_every_run(tmp_path):
+  """--repeats=2: two runs in fresh processes, each run's ratios listed under the table, the
+  table's ratio their median (for two runs, their mean)."""
+  pytest.importorskip("torch")
+  out = tmp_path / "torch.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--compare_torch", "--models=ulvmunet",
+       "--batch_size=1", "--image_size=32", "--steps=1", "--repeats=2", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = out.read_text()
+  rows = [l for l in text.splitlines() if l.startswith("| ulvmunet")]
+  assert len(rows) == 2, text
+  median_ratios = [float(x) for x in rows[0].split("|")[2:-1]][2::3]
+  each_run = [[float(r) for r in cell.split(",")] for cell in rows[1].split("|")[2:-1]]
+  assert [len(runs) for runs in each_run] == [2, 2]
+  for median, runs in zip(median_ratios, each_run):
+    # each printed to 2 decimals
+    assert median == pytest.approx(sum(runs) / 2, abs=0.011), (median, runs)
+  assert "in 2 runs of fresh processes, its rates and ratios the medians" in text
+  progress = [l for l in proc.stdout.splitlines() if l.startswith("ulvmunet run ")]
+  assert [l.split(":")[0] for l in progress] == ["ulvmunet run 1/2", "ulvmunet run 2/2"]
+  for flags, message in ((["--compare_torch", "--repeats=0"], "--repeats must be at least 1"),
+                         (["--compare_authors", "--repeats=2"], "--repeats is for --compare_torch")):
+    bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", *flags],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-500:]
+
+
 def test_compare_worker_reports_its_failure_and_times_its_steps():
   """The comparison's sides run in processes of their own: a failure there reaches the caller
   with the worker's traceback; a working one returns each step's own seconds."""
