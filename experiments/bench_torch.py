@@ -163,15 +163,18 @@ def _ours(x, w, k, stride, pad, transpose, fast):
   if transpose:
     return jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), [(k - 1 - pad,) * 2] * 2,
                                         lhs_dilation=(stride, stride), dimension_numbers=DIMS)
+  if fast:   # fast_conv.Conv's path: the input padded by the forward pass, the cotangent stored
+    return fast_conv.materialize_cotangent(fast_conv.conv_general_dilated(
+        x, w, (stride, stride), [(pad, pad)] * 2, dimension_numbers=DIMS))
   return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
                                       dimension_numbers=DIMS)
 
 
 def conv_micro(batch_size: int, image_size: int, steps: int) -> list[tuple[str, float, float]]:
   """(what, PyTorch ms, ours ms) for forward + backward of the convolutions that dominate the
-  CNNs: a 3x3 conv 64->64 at full size (ours: XLA's), the U-Nets' 2x2 stride-2 ConvTranspose
-  128->64 and ResNet-Seg's 4x4 stride-2 padding-1 one 128->64 at 1/8 size (ours as the models
-  compute them: jaxmamba.nn.conv, or XLA's if that is switched off)."""
+  CNNs: a 3x3 conv 64->64 at full size, the U-Nets' 2x2 stride-2 ConvTranspose 128->64 and
+  ResNet-Seg's 4x4 stride-2 padding-1 one 128->64 at 1/8 size (ours as the models compute them:
+  jaxmamba.nn.conv, or XLA's if that is switched off)."""
   import jax
   import jax.numpy as jnp
   import torch
