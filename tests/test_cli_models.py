@@ -271,12 +271,26 @@ class _Tiny(nn.Module):
 
 def test_models_table_real_model_without_timing(capsys):
   assert models_cli.main(["--models", "umambabot", "--no-time"]) == 0
-  row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("umambabot")]
+  out = capsys.readouterr().out
+  row = [line for line in out.splitlines() if line.startswith("umambabot")]
   assert len(row) == 1
   fields = row[0].split()
   assert fields[1] == fields[2] == "9,813,700"
-  assert float(fields[3]) > 1.0          # GFLOPs: billions of multiply-adds per image
+  # GFLOPs per image (a multiply-add is 2), a lower bound: the chunked scan is a loop whose body
+  # XLA's cost analysis counts once
+  assert fields[3].startswith(">=") and float(fields[3][2:]) > 1.0
   assert fields[4] == "-"                # no timing asked for
+  assert "# GFLOPs >=: the forward runs a loop" in out
+
+
+def test_models_table_gflops_lower_bound_only_where_the_forward_loops():
+  """XLA counts a loop's body once (a 10-step fori_loop of a matmul costs one matmul), so a
+  model whose forward loops is marked, and one without a loop is not."""
+  x = jnp.ones((64, 64))
+  looped = jax.jit(lambda x: jax.lax.fori_loop(0, 10, lambda i, a: a @ x, x)).lower(x).compile()
+  plain = jax.jit(lambda x: x @ x).lower(x).compile()
+  assert models_cli._flops(looped) < 1.01 * models_cli._flops(plain)   # (+ the loop counter's)
+  assert models_cli._has_loop(looped) and not models_cli._has_loop(plain)
 
 
 def test_models_table_timing_and_unavailable(monkeypatch, capsys):
@@ -297,6 +311,7 @@ def test_models_table_timing_and_unavailable(monkeypatch, capsys):
   unet = next(line for line in out.splitlines() if line.startswith("unet")).split()
   # 3x3 conv, 3 -> 1 channels: 28 parameters, 2*27 FLOPs per output pixel (+ bias).
   assert unet[1] == "28" and "(!=" in unet
-  assert 256 * 256 * 54 / 1e9 <= float(unet[3]) <= 256 * 256 * 56 / 1e9
+  assert 256 * 256 * 54 / 1e9 <= float(unet[3]) <= 256 * 256 * 56 / 1e9   # no loop: no ">="
+  assert "# GFLOPs >=" not in out
   assert float(unet[4]) > 0.0
   assert models_cli.main(["--models", "nope"]) == 1
